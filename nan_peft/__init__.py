@@ -1,0 +1,39 @@
+"""nan-peft: merge LoRA adapters with training-free NAN coefficients (arXiv 2505.16148).
+
+    import nan_peft
+    result = nan_peft.merge_adapters(["math", "code"], combine="svd", rank=16)
+    result.save_pretrained("merged")
+"""
+
+from .coefficients import Coefficients, coefficients_for, manual_coefficients, nan_coefficients, uniform_coefficients
+from .combine import ModuleReport, combine
+from .errors import NanPeftError
+from .lora import LoraAdapter, LoraModule
+from .merge import MergeResult, merge_adapters
+from .norms import UpdateGram, update_gram
+from .reader import read_adapter, read_adapters
+from .writer import adapter_config, adapter_state_dict, write_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Coefficients",
+    "LoraAdapter",
+    "LoraModule",
+    "MergeResult",
+    "ModuleReport",
+    "NanPeftError",
+    "UpdateGram",
+    "adapter_config",
+    "adapter_state_dict",
+    "coefficients_for",
+    "combine",
+    "manual_coefficients",
+    "merge_adapters",
+    "nan_coefficients",
+    "read_adapter",
+    "read_adapters",
+    "uniform_coefficients",
+    "update_gram",
+    "write_adapter",
+]

@@ -1,0 +1,90 @@
+"""The in-memory form of a LoRA adapter: factors, scale and the shapes needed to write them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import torch
+
+# How peft names the factors in a saved state dict, by layer kind. Embedding factors carry no ".weight".
+FACTOR_KEYS = {
+    "linear": ("lora_A.weight", "lora_B.weight"),
+    "conv": ("lora_A.weight", "lora_B.weight"),
+    "embedding": ("lora_embedding_A", "lora_embedding_B"),
+}
+KEY_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module, with update dW = scale * B @ A.
+
+    A is (r, n) and B is (m, r) as matrices: a Conv LoRA's A (r, in, *kernel) is flattened to
+    (r, in * prod(kernel)) and its B (out, r, 1, ...) to (out, r); ``a_tail`` and ``b_tail`` keep the
+    trailing dimensions so the factors can be written back in peft's layout. Embedding LoRA has
+    A (r, num_embeddings) and B (embedding_dim, r); its weight update is dW^T.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    kind: str = "linear"
+    a_tail: tuple[int, ...] = ()
+    b_tail: tuple[int, ...] = ()
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def signature(self) -> tuple:
+        """What two adapters must agree on to be merged at this module."""
+        return (self.kind, self.B.shape[0], self.A.shape[1], self.a_tail, self.b_tail)
+
+    def delta(self) -> torch.Tensor:
+        """The dense update s * B @ A in float64 (for tests and small modules only)."""
+        return self.scale * (self.B.double() @ self.A.double())
+
+    def peft_factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reshape matrix factors of any rank to this module's peft layout."""
+        return A.reshape(A.shape[0], *self.a_tail), B.reshape(B.shape[0], B.shape[1], *self.b_tail)
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter read from disk: its config and one LoraModule per adapted module path."""
+
+    name: str
+    source: str
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full tensors carried verbatim by key (peft saves a targeted embedding's base weight, in case its
+    vocabulary was resized): not an update, written back unchanged."""
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def ranks(self) -> set[int]:
+        return {m.rank for m in self.modules.values()}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+
+
+def module_from_peft(A: torch.Tensor, B: torch.Tensor, scale: float, kind: str, fan_in_fan_out: bool) -> LoraModule:
+    """Build a LoraModule from factors in peft's layout (see LoraModule)."""
+    return LoraModule(
+        A=A.reshape(A.shape[0], prod(A.shape[1:])),
+        B=B.reshape(B.shape[0], B.shape[1]) if B.dim() > 2 else B,
+        scale=scale,
+        kind=kind,
+        a_tail=tuple(A.shape[1:]),
+        b_tail=tuple(B.shape[2:]),
+        fan_in_fan_out=fan_in_fan_out,
+    )

@@ -1,0 +1,79 @@
+"""Norms and inner products of every adapter's update, from r x r Gram matrices (see gram.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .batching import DEFAULT_BATCH_BYTES, batches
+from .gram import gram_inner_products
+from .lora import LoraAdapter
+
+
+@dataclass(frozen=True)
+class UpdateGram:
+    """Inner products <dW_i, dW_j>_F of the adapters' updates, module by module, in float64 on the CPU.
+
+    inner[m, i, j] is the inner product at module `modules[m]`; it is 0 where adapter i or j does not
+    adapt that module (present[m, i] is False).
+    """
+
+    adapter_names: tuple[str, ...]
+    modules: tuple[str, ...]
+    inner: torch.Tensor
+    present: torch.Tensor
+
+    @property
+    def module_norms(self) -> torch.Tensor:
+        """(M, K): ||dW_k||_F at each module (0 where absent)."""
+        return self.inner.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+
+    @property
+    def adapter_norms(self) -> torch.Tensor:
+        """(K,): the norm of each adapter's whole update, sqrt(sum over modules ||dW_k,m||_F^2)."""
+        return self.inner.diagonal(dim1=-2, dim2=-1).sum(0).clamp_min(0).sqrt()
+
+    @property
+    def adapter_inner(self) -> torch.Tensor:
+        """(K, K): inner products of the adapters' whole updates."""
+        return self.inner.sum(0)
+
+    def cosine_similarity(self) -> torch.Tensor:
+        """(K, K): cosine similarity of the adapters' whole updates (0 against an all-zero update)."""
+        norms = self.adapter_norms
+        outer = torch.outer(norms, norms)
+        return torch.where(outer > 0, self.adapter_inner / outer.clamp_min(torch.finfo(outer.dtype).tiny), 0.0)
+
+    def merged_norms(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """(M,): ||sum_k c[m, k] dW_k,m||_F for per-module coefficients c (M, K) (or (K,) for all modules)."""
+        c = coefficients.to(self.inner.dtype).expand(len(self.modules), len(self.adapter_names))
+        return torch.einsum("mi,mij,mj->m", c, self.inner, c).clamp_min(0).sqrt()
+
+
+def update_gram(
+    adapters: Sequence[LoraAdapter],
+    device: torch.device | str = "cpu",
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+) -> UpdateGram:
+    """Compute every <dW_i, dW_j>_F at every module, dW_k = s_k B_k A_k, in float64 on `device`.
+
+    Modules of the same shape and the same set of adapters are stacked and handled by one batched Gram
+    product, so a 7B-sized adapter costs a handful of kernels, not one per module.
+    """
+    modules = tuple(sorted({path for adapter in adapters for path in adapter.modules}))
+    index = {path: m for m, path in enumerate(modules)}
+    K = len(adapters)
+    terms = {
+        path: [(k, a.modules[path], a.modules[path].scale) for k, a in enumerate(adapters) if path in a.modules]
+        for path in modules
+    }
+    inner = torch.zeros((len(modules), K, K), dtype=torch.float64)
+    for batch in batches(terms, device, torch.float64, max_batch_bytes):
+        products = gram_inner_products(batch.A, batch.B, batch.ranks).cpu()
+        rows = torch.tensor([index[p] for p in batch.paths])
+        members = torch.tensor(batch.members)
+        inner[rows[:, None, None], members[None, :, None], members[None, None, :]] = products
+    present = torch.tensor([[path in a.modules for a in adapters] for path in modules], dtype=torch.bool).reshape(len(modules), K)
+    return UpdateGram(tuple(a.name for a in adapters), modules, inner, present)

@@ -1,0 +1,249 @@
+"""Read PEFT LoRA adapters from disk and refuse anything whose update is not s * B @ A."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import NanPeftError
+from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_peft
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# init_lora_weights values whose training starts from a modified base model: the saved factors are not an
+# update of the original base unless peft converted them on save (it then resets init_lora_weights).
+_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
+_CARRIED_SUFFIX = ".base_layer.weight"  # a targeted embedding's full weight, saved by peft's save_embedding_layers
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (or a Hub id, through huggingface_hub) into a LoraAdapter.
+
+    Handles rank_pattern / alpha_pattern, rsLoRA (s = alpha / sqrt(r)), Conv1D (fan_in_fan_out), embedding
+    and Conv LoRA. Raises NanPeftError, naming the adapter, for every variant whose update is not
+    s * B @ A or that cannot be merged faithfully (DoRA, lora_bias, trained biases, modules_to_save, ...).
+    """
+    folder = _resolve(path)
+    label = str(path)
+    config = _read_config(folder, label)
+    _check_config(config, label)
+    tensors = _read_tensors(folder, label)
+    extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
+    modules = _modules_from_tensors(tensors, config, label)
+    if not modules:
+        raise NanPeftError(f"{label}: the adapter holds no LoRA weights")
+    return LoraAdapter(name=name or _display_name(path), source=str(folder), config=config, modules=modules, extras=extras)
+
+
+def read_adapters(paths: Sequence[str | os.PathLike | LoraAdapter], allow_different_bases: bool = False) -> list[LoraAdapter]:
+    """Read several adapters and check that they can be merged: one base model, compatible module shapes."""
+    adapters = [p if isinstance(p, LoraAdapter) else read_adapter(p) for p in paths]
+    if not adapters:
+        raise NanPeftError("no adapters given")
+    _unique_names(adapters)
+    check_compatible(adapters, allow_different_bases)
+    return adapters
+
+
+def check_compatible(adapters: Sequence[LoraAdapter], allow_different_bases: bool = False) -> None:
+    """Raise NanPeftError unless the adapters share a base model and agree on every shared module's shape."""
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1 and not allow_different_bases:
+        listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters)
+        raise NanPeftError(
+            f"adapters were trained on different base models ({listed}); pass allow_different_bases / "
+            "--allow-different-bases if they really share one"
+        )
+    carried: dict[str, tuple[str, torch.Tensor]] = {}
+    for adapter in adapters:
+        for key, tensor in adapter.extras.items():
+            if key not in carried:
+                carried[key] = (adapter.name, tensor)
+            elif not torch.equal(carried[key][1], tensor):
+                raise NanPeftError(
+                    f"{carried[key][0]} and {adapter.name} carry different full weights for {key} "
+                    "(a resized or retrained embedding?): they cannot be merged"
+                )
+    seen: dict[str, tuple[str, tuple]] = {}
+    for adapter in adapters:
+        for path, module in adapter.modules.items():
+            if path not in seen:
+                seen[path] = (adapter.name, module.signature)
+            elif seen[path][1] != module.signature:
+                other, signature = seen[path]
+                raise NanPeftError(
+                    f"module {path} has incompatible shapes: {_describe(signature)} in {other}, "
+                    f"{_describe(module.signature)} in {adapter.name}"
+                )
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise NanPeftError(f"{path}: not a folder (an adapter is a folder holding {CONFIG_NAME})")
+    if isinstance(path, str) and _HUB_ID.match(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]))
+        except Exception as error:  # network, auth, missing repo: one line either way
+            raise NanPeftError(f"{path}: no such folder, and fetching it from the Hub failed ({type(error).__name__})") from None
+    raise NanPeftError(f"{path}: no such folder")
+
+
+def _display_name(path: str | os.PathLike) -> str:
+    return Path(path).name or str(path)
+
+
+def _read_config(folder: Path, label: str) -> dict:
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise NanPeftError(f"{label}: missing {CONFIG_NAME}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is not a JSON object")
+    return config
+
+
+def _check_config(config: dict, label: str) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise NanPeftError(f"{label}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be merged")
+    refusals = [
+        (config.get("use_dora"), "DoRA adapters (use_dora) rescale the whole weight; their update is not s*B@A"),
+        (config.get("lora_bias"), "lora_bias adapters carry a trained bias the merge would drop"),
+        (config.get("bias", "none") != "none", f"bias={config.get('bias')!r} adapters carry trained biases the merge would drop"),
+        (config.get("modules_to_save"), f"adapters with modules_to_save ({_listed(config.get('modules_to_save'))}) carry full modules that cannot be averaged"),
+        (config.get("trainable_token_indices"), "adapters with trainable_token_indices carry token embeddings that cannot be averaged"),
+        (config.get("target_parameters"), "adapters with target_parameters (LoRA on raw parameters) are not supported"),
+        (config.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) applies only after its invocation tokens"),
+        (config.get("use_qalora"), "QA-LoRA adapters (use_qalora) pool their inputs; their update is not s*B@A"),
+        (config.get("arrow_config"), "Arrow-routed adapters are not a single update"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise NanPeftError(f"{label}: {why}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        raise NanPeftError(
+            f"{label}: init_lora_weights={init!r} trains against a modified base model; save it with peft's "
+            "path_initial_model_for_weight_conversion to get a plain LoRA update first"
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={value!r}; expected a positive number")
+
+
+def _read_tensors(folder: Path, label: str) -> dict[str, torch.Tensor]:
+    safetensors = folder / SAFETENSORS_NAME
+    if safetensors.is_file():
+        try:
+            return load_file(safetensors)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise NanPeftError(f"{label}: {SAFETENSORS_NAME} is unreadable ({_first_line(error)})") from None
+    pickle = folder / BIN_NAME
+    if pickle.is_file():
+        try:
+            tensors = torch.load(pickle, map_location="cpu", weights_only=True)
+        except Exception as error:  # weights_only refuses code; any failure is a bad file
+            raise NanPeftError(f"{label}: {BIN_NAME} is unreadable or not plain tensors ({_first_line(error)})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise NanPeftError(f"{label}: {BIN_NAME} is not a state dict of tensors")
+        return tensors
+    raise NanPeftError(f"{label}: missing {SAFETENSORS_NAME} (or {BIN_NAME})")
+
+
+def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label: str) -> dict[str, LoraModule]:
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None or match["rest"] not in (None, ".weight"):
+            raise NanPeftError(f"{label}: unexpected tensor {key!r} (only lora_A / lora_B factors are supported)")
+        module = match["module"].removeprefix(KEY_PREFIX)
+        factors.setdefault(module, {})[match["factor"]] = tensor
+
+    modules = {}
+    for path in sorted(factors):
+        found = factors[path]
+        kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A", "lora_B")
+        if set(found) != {a_key, b_key}:
+            raise NanPeftError(f"{label}: module {path} has {sorted(found)}; expected both {a_key} and {b_key}")
+        A, B = found[a_key], found[b_key]
+        modules[path] = _module(path, A, B, kind, config, label)
+    return modules
+
+
+def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict, label: str) -> LoraModule:
+    if not (A.is_floating_point() and B.is_floating_point()):
+        raise NanPeftError(f"{label}: module {path} has non-float factors ({A.dtype}, {B.dtype})")
+    if A.dim() > 2 or B.dim() > 2:
+        kind = "conv" if kind == "linear" else kind
+    if A.dim() < 2 or B.dim() < 2 or (kind == "embedding" and (A.dim(), B.dim()) != (2, 2)):
+        raise NanPeftError(f"{label}: module {path} has factors of shapes {tuple(A.shape)} and {tuple(B.shape)}")
+    r = A.shape[0]
+    if B.shape[1] != r or any(d != 1 for d in B.shape[2:]):
+        raise NanPeftError(
+            f"{label}: module {path} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+            f"lora_B must be (out, {r}{', 1' * (B.dim() - 2)}) (grouped convolutions are not supported)"
+        )
+    expected_r = _pattern_value(config, "rank_pattern", path, config["r"])
+    if r != expected_r:
+        raise NanPeftError(f"{label}: module {path} has rank {r} but {CONFIG_NAME} says r={expected_r}")
+    for factor, tensor in (("lora_A", A), ("lora_B", B)):
+        if not torch.isfinite(tensor).all():
+            raise NanPeftError(f"{label}: module {path} {factor} holds NaN or Inf")
+    alpha = _pattern_value(config, "alpha_pattern", path, config["lora_alpha"])
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return module_from_peft(A, B, scale, kind, bool(config.get("fan_in_fan_out")))
+
+
+def _pattern_value(config: dict, field: str, path: str, default):
+    """Per-module override, matched exactly as peft does (peft.utils.other.get_pattern_key)."""
+    pattern = config.get(field) or {}
+    key = get_pattern_key(list(pattern), path)
+    return pattern.get(key, default)
+
+
+def _unique_names(adapters: list[LoraAdapter]) -> None:
+    """Give adapters with the same folder name distinct names (a, a#2, ...) so reports stay unambiguous."""
+    counts: dict[str, int] = {}
+    for adapter in adapters:
+        counts[adapter.name] = counts.get(adapter.name, 0) + 1
+        if counts[adapter.name] > 1:
+            adapter.name = f"{adapter.name}#{counts[adapter.name]}"
+
+
+def _describe(signature: tuple) -> str:
+    kind, out, fan_in, a_tail, _ = signature
+    shape = f"{out}x{a_tail[0]}" + "".join(f"x{k}" for k in a_tail[1:]) if a_tail else f"{out}x{fan_in}"
+    return f"{kind} {shape}"
+
+
+def _listed(value) -> str:
+    return ", ".join(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
