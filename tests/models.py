@@ -23,7 +23,7 @@ def tiny_llama() -> LlamaForCausalLM:
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
 
 
