@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +10,10 @@ import torch
 from .batching import DEFAULT_BATCH_BYTES, Term, batches
 from .coefficients import Coefficients
 from .errors import NanPeftError
-from .gram import pad_rank, tail_energy, truncate_low_rank
+from .gram import pad_rank, tail_energy, truncate_dense, truncate_low_rank
 from .lora import LoraAdapter, LoraModule
 from .norms import UpdateGram
+from .rules import LOW_RANK, RULES, module_generator, rule_options
 
 COMBINES = ("cat", "svd")
 
@@ -33,41 +34,61 @@ class ModuleReport:
         return self.discarded / self.norm if self.norm > 0 else 0.0
 
 
-def weighted_terms(adapters: Sequence[LoraAdapter], coefficients: Coefficients) -> dict[str, list[Term]]:
-    """Per module path, the terms (k, module, c_k * s_k) of the adapters with a non-zero coefficient there."""
+def weighted_terms(adapters: Sequence[LoraAdapter], coefficients: Coefficients, scale: float = 1.0) -> dict[str, list[Term]]:
+    """Per module path, the terms (k, module, scale * c_k * s_k) of the adapters with a non-zero coefficient there."""
     terms = {}
     for m, path in enumerate(coefficients.modules):
         c = coefficients.values[m].tolist()
-        terms[path] = [(k, a.modules[path], c[k] * a.modules[path].scale) for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
+        terms[path] = [
+            (k, a.modules[path], scale * c[k] * a.modules[path].scale)
+            for k, a in enumerate(adapters)
+            if path in a.modules and c[k] != 0
+        ]
     return terms
+
+
+def default_combine(rule: str) -> str:
+    """cat for plain weighted sums (exact), svd for rules whose result exists only densely."""
+    return "cat" if rule in LOW_RANK else "svd"
 
 
 def combine(
     adapters: Sequence[LoraAdapter],
     coefficients: Coefficients,
     gram: UpdateGram,
-    method: str = "cat",
+    method: str | None = None,
     rank: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    rule: str = "task_arithmetic",
+    options: Mapping | None = None,
     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> tuple[dict[str, LoraModule], list[ModuleReport]]:
-    """Merge sum_k c_k s_k B_k A_k at every module into factors (B, A) with scale 1.
+    """Merge the weighted updates c_k s_k B_k A_k of every module with `rule` into factors (B, A), scale 1.
 
-    "cat" stacks the factors, [c_1 s_1 B_1 | ... | c_K s_K B_K] @ [A_1; ...; A_K]: exact, rank sum_k r_k.
-    "svd" keeps the best rank-`rank` approximation of that product (gram.truncate_low_rank), computed in
-    float64 on `device` from QR factors, never the dense matrix; the discarded norm is reported.
-    Modules where every coefficient is 0 are left out (their update is zero).
+    task_arithmetic, scale * sum_k c_k s_k B_k A_k, runs on the factors: "cat" stacks them,
+    [c_1 s_1 B_1 | ... | c_K s_K B_K] @ [A_1; ...; A_K], exact with rank sum_k r_k; "svd" keeps the best
+    rank-`rank` approximation of that product (gram.truncate_low_rank) in float64 on `device`, never the
+    dense matrix. Other rules (TIES, DARE, ...) act entry-wise, so each module's updates are built densely
+    on `device`, one module at a time, merged, and truncated back to rank `rank` by SVD ("svd" only).
+    Modules where every coefficient is 0 are left out (their update is zero); the discarded norm is reported.
     """
+    method = method or default_combine(rule)
     if method not in COMBINES:
         raise NanPeftError(f"unknown combine {method!r}; choose from {', '.join(COMBINES)}")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise NanPeftError(f"rank must be a positive integer, got {rank!r}")
     if method == "svd" and rank is None:
         raise NanPeftError("svd needs a target rank (rank= / --rank)")
-    terms = {path: t for path, t in weighted_terms(adapters, coefficients).items() if t}
-    norms = dict(zip(gram.modules, gram.merged_norms(coefficients.values).tolist()))
+    params, seed = rule_options(rule, options or {})
+    if rule not in LOW_RANK:
+        if method != "svd":
+            raise NanPeftError(f"the {rule} rule gives dense updates: combine them with svd and a rank, not {method}")
+        return _dense(adapters, coefficients, RULES[rule], params, seed, rank, device, dtype)
+    scale = params.get("scale", 1.0)
+    terms = {path: t for path, t in weighted_terms(adapters, coefficients, scale).items() if t}
     if method == "cat":
+        norms = dict(zip(gram.modules, (abs(scale) * gram.merged_norms(coefficients.values)).tolist()))
         return _cat(terms, norms, rank, dtype)
     return _svd(terms, rank, device, dtype, max_batch_bytes)
 
@@ -100,6 +121,25 @@ def _svd(terms, rank, device, dtype, max_batch_bytes):
             report[path] = ModuleReport(path, sum(batch.ranks), kept[g], norms[g], discarded[g])
     paths = sorted(merged)
     return {p: merged[p] for p in paths}, [report[p] for p in paths]
+
+
+def _dense(adapters, coefficients, rule, params, seed, rank, device, dtype):
+    merged, report = {}, []
+    for m, path in enumerate(coefficients.modules):
+        c = coefficients.values[m]
+        members = [k for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
+        if not members:
+            continue
+        modules = [adapters[k].modules[path] for k in members]
+        deltas = torch.stack([mod.scale * (mod.B.to(device, torch.float64) @ mod.A.to(device, torch.float64)) for mod in modules])
+        generator = module_generator(seed, path, device) if seed is not None else None
+        update = rule(deltas, c[members].to(device), generator, **params)
+        B, A, S = truncate_dense(update, rank)
+        S = S.cpu()
+        merged[path] = _like(modules[0], A.to("cpu", dtype), B.to("cpu", dtype))
+        kept = int((S[:rank] > 0).sum())
+        report.append(ModuleReport(path, sum(mod.rank for mod in modules), kept, float(S.square().sum().sqrt()), float(tail_energy(S, rank))))
+    return merged, report
 
 
 def _like(template: LoraModule, A: torch.Tensor, B: torch.Tensor) -> LoraModule:

@@ -1,4 +1,4 @@
-"""Linear algebra on LoRA factors that never forms a dense (out x in) update.
+"""Linear algebra on LoRA factors that never forms a dense (out x in) update (but for truncate_dense).
 
 Every function is pure, batched over leading dimensions and device-agnostic. Callers pass float64 when
 they want float64 accumulation. Factors are stacked along the rank axis: for updates dW_k = B_k A_k,
@@ -35,31 +35,45 @@ def low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Thin SVD of the product B @ A without forming it: returns (L, S, Rt) with B @ A = L diag(S) Rt.
 
     With B = Qb Rb and A^T = Qa Ra (reduced QR), B A = Qb (Rb Ra^T) Qa^T; the SVD of the small core
-    Rb Ra^T = U S V^T gives L = Qb U and Rt = V^T Qa^T. Cost O((m + n) R^2). Signs are made canonical (the
-    largest entry of each column of L is positive) so that results do not depend on the LAPACK build.
+    Rb Ra^T = U S V^T gives L = Qb U and Rt = V^T Qa^T. Cost O((m + n) R^2).
     """
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.mT)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
-    L, Rt = Qb @ U, Vh @ Qa.mT
+    L, Rt = canonical_signs(Qb @ U, Vh @ Qa.mT)
+    return L, S, Rt
+
+
+def canonical_signs(L: torch.Tensor, Rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular vector pairs so that the largest entry of each column of L is positive: results then
+    do not depend on the LAPACK build or device. Returns (L, Rt) with L diag(S) Rt unchanged."""
     pivot = L.abs().argmax(dim=-2, keepdim=True)
     sign = torch.where(torch.gather(L, -2, pivot) < 0, -1.0, 1.0).to(L.dtype)
-    return L * sign, S, Rt * sign.mT
+    return L * sign, Rt * sign.mT
+
+
+def split_singular(L: torch.Tensor, S: torch.Tensor, Rt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (B_r, A_r) of the rank-`rank` truncation L_r diag(S_r) Rt_r, zero-padded to `rank`; the
+    singular values are split evenly: B_r = L_r diag(sqrt(S_r)), A_r = diag(sqrt(S_r)) Rt_r."""
+    kept = min(rank, S.shape[-1])
+    root = S[..., :kept].sqrt()
+    return pad_rank(L[..., :kept] * root.unsqueeze(-2), Rt[..., :kept, :] * root.unsqueeze(-1), rank)
 
 
 def truncate_low_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` approximation of B @ A (Eckart-Young), as factors (B_r, A_r) padded with zeros to `rank`.
+    """Best rank-`rank` approximation of B @ A (Eckart-Young) as factors (B_r, A_r), never forming B @ A.
 
-    B_r = L_r diag(sqrt(S_r)) and A_r = diag(sqrt(S_r)) Rt_r split the singular values evenly between the factors.
-    Also returns all singular values S: ||B A - B_r A_r||_F = sqrt(sum_{i >= rank} S_i^2).
+    Also returns all singular values S of B @ A: ||B A - B_r A_r||_F = tail_energy(S, rank).
     """
     L, S, Rt = low_rank_svd(B, A)
-    kept = min(rank, S.shape[-1])
-    root = S[..., :kept].sqrt()
-    B_r = L[..., :kept] * root.unsqueeze(-2)
-    A_r = Rt[..., :kept, :] * root.unsqueeze(-1)
-    B_r, A_r = pad_rank(B_r, A_r, rank)
-    return B_r, A_r, S
+    return *split_singular(L, S, Rt, rank), S
+
+
+def truncate_dense(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """truncate_low_rank for an update that exists only densely (after a sparsifying merge rule)."""
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    U, Vh = canonical_signs(U, Vh)
+    return *split_singular(U, S, Vh, rank), S
 
 
 def pad_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

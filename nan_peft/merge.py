@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from .coefficients import Coefficients, coefficients_for
-from .combine import ModuleReport
+from .combine import ModuleReport, default_combine
 from .combine import combine as combine_updates
 from .errors import NanPeftError
 from .lora import LoraAdapter
 from .norms import UpdateGram, update_gram
 from .reader import read_adapters
+from .rules import rule_options
 from .writer import write_adapter
 
 AdapterLike = str | os.PathLike | LoraAdapter
@@ -63,10 +64,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def merge_adapters(
     adapters: Sequence[AdapterLike],
-    combine: str = "cat",
+    combine: str | None = None,
     rank: int | None = None,
     coefficients: str | Sequence[float] = "nan",
     *,
+    method: str = "task_arithmetic",
+    density: float | None = None,
+    scale: float | None = None,
+    normalize: bool | None = None,
+    seed: int | None = None,
     weights: Sequence[float] | None = None,
     granularity: str | None = None,
     exponent: float | None = None,
@@ -75,28 +81,38 @@ def merge_adapters(
     dtype: torch.dtype | None = None,
     allow_different_bases: bool = False,
 ) -> MergeResult:
-    """Merge LoRA adapters into one: dW = sum_k c_k s_k B_k A_k at every module.
+    """Merge LoRA adapters into one; by default dW = sum_k c_k s_k B_k A_k at every module.
 
     coefficients: "nan" (default; c_k proportional to ||dW_k||_F^-exponent, summing to `total`),
-    "uniform", "manual" (with `weights`), or the weights themselves. combine: "cat" (exact, rank = sum of
-    ranks) or "svd" (best rank-`rank` approximation). Computation runs on `device`; the result is written
-    in `dtype` (default: the inputs' dtype when they share one, else float32).
+    "uniform", "manual" (with `weights`), or the weights themselves.
+    method: the merge rule the coefficients are plugged into (nan_peft.rules.RULES): "task_arithmetic"
+    (default, scale * sum_k c_k dW_k), "ties", "dare_linear", "dare_ties", "magnitude_prune", with their
+    options density, scale (lambda), normalize and seed. NAN norms are always those of the full updates.
+    combine: "cat" (exact, rank = sum of ranks; the default for task_arithmetic) or "svd" (best
+    rank-`rank` approximation; the default, and the only choice, for the entry-wise rules).
+    Computation runs on `device`; the result is written in `dtype` (default: the inputs' dtype when they
+    share one, else float32).
     """
     if not isinstance(coefficients, str):
         if weights is not None:
             raise NanPeftError("give the weights either as coefficients= or as weights=, not both")
         coefficients, weights = "manual", list(coefficients)
+    rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed}
+    rule_options(method, rule)  # fail before any reading
     device = resolve_device(device)
     sources = read_adapters(adapters, allow_different_bases=allow_different_bases)
     gram = update_gram(sources, device)
     coeffs = coefficients_for(coefficients, gram, weights=weights, granularity=granularity, exponent=exponent, total=total)
     dtype = dtype or _common_dtype(sources)
-    modules, report = combine_updates(sources, coeffs, gram, combine, rank, device, dtype)
+    combine = combine or default_combine(method)
+    modules, report = combine_updates(sources, coeffs, gram, combine, rank, device, dtype, method, rule)
     if not modules:
         raise NanPeftError("every coefficient is zero: the merged update is empty")
     extras = {key: tensor for source in sources for key, tensor in source.extras.items()}  # equal across sources
     merged = LoraAdapter(name="merged", source="", config=_merged_config(sources), modules=modules, extras=extras)
     options = {
+        "method": method,
+        **{key: value for key, value in rule.items() if value is not None},
         "combine": combine,
         "rank": rank,
         "coefficients": coefficients,

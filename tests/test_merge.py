@@ -119,11 +119,11 @@ def test_svd_needs_rank_and_cat_refuses_truncation(llama_adapters):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(coefficients="manual"), "manual coefficients need weights"),
+    (dict(coefficients="manual"), "manual coefficients: needs weights"),
     (dict(coefficients="manual", weights=[1, 2]), "got 2 weights for 4 adapters"),
-    (dict(coefficients="manual", weights=[1, 1, 1, 1], total=2), "manual coefficients take no total"),
-    (dict(coefficients="uniform", exponent=2), "uniform coefficients take no exponent"),
-    (dict(coefficients="nan", weights=[1, 1, 1, 1]), "nan coefficients take no weights"),
+    (dict(coefficients="manual", weights=[1, 1, 1, 1], total=2), "manual coefficients: no option total"),
+    (dict(coefficients="uniform", exponent=2), "uniform coefficients: no option exponent"),
+    (dict(coefficients="nan", weights=[1, 1, 1, 1]), "nan coefficients: no option weights"),
     (dict(granularity="layer"), "unknown granularity"),
     (dict(total=0), "total must be positive"),
     (dict(exponent=float("nan")), "exponent must be a finite number"),

@@ -1,0 +1,77 @@
+"""The generalised task-arithmetic family, written once: sparsify each update, weight, optionally elect
+signs and keep only agreeing entries (TIES consensus), sum or average, scale.
+
+All functions act on one module at a time: deltas (K, m, n) holds the K dense updates dW_k = s_k B_k A_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import NanPeftError
+
+
+def trim_magnitude(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density * numel) largest-magnitude entries of each update, zero the rest (TIES "trim")."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    keep = int(density * flat.shape[1])
+    if keep >= flat.shape[1]:
+        return deltas
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if keep > 0:
+        mask.scatter_(1, flat.abs().topk(keep, dim=1).indices, True)
+    return (flat * mask).reshape(deltas.shape)
+
+
+def drop_random(deltas: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, dividing the kept ones by `density` so that the
+    expectation of the update is unchanged (rescale)."""
+    if density >= 1:
+        return deltas
+    keep = torch.rand(deltas.shape, generator=generator, device=deltas.device, dtype=deltas.dtype) < density
+    kept = deltas * keep
+    return kept / density if rescale else kept
+
+
+def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES sign election by mass: sign(sum_k c_k dW_k) entry by entry."""
+    return weighted.sum(0).sign()
+
+
+def merge_family(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    sparsify: str | None = None,
+    density: float = 1.0,
+    consensus: bool = False,
+    normalize: bool = True,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """scale * merge of the K updates with coefficients c = weights.
+
+    sparsify: None, "magnitude" (trim) or "random" (DARE drop and rescale), at `density`.
+    Without consensus: sum_k c_k dW'_k. With consensus (TIES): entries whose weighted sign disagrees with
+    the elected sign, or that were sparsified away, are left out; with `normalize` the rest is averaged
+    with weights c_k (sum_k c_k dW'_k [agree] / sum_k c_k [agree], TIES's disjoint mean with the coefficients
+    plugged in), else summed.
+    """
+    if not 0 < density <= 1:
+        raise NanPeftError(f"density must be in (0, 1], got {density}")
+    if sparsify == "magnitude":
+        deltas = trim_magnitude(deltas, density)
+    elif sparsify == "random":
+        deltas = drop_random(deltas, density, generator)
+    elif sparsify is not None:
+        raise ValueError(f"unknown sparsification {sparsify!r}")
+    c = weights.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas * c
+    if not consensus:
+        return scale * weighted.sum(0)
+    agree = (weighted.sign() == elect_sign(weighted)) & (deltas != 0)
+    merged = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (c * agree).sum(0)
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    return scale * merged

@@ -1,0 +1,10 @@
+"""TIES-Merging (Yadav et al. 2023): trim each update to its top-`density` magnitudes, elect the sign of
+each entry by mass, take the coefficient-weighted mean of the entries that agree, scale by lambda."""
+
+import torch
+
+from .family import merge_family
+
+
+def ties(deltas: torch.Tensor, weights: torch.Tensor, generator=None, *, density: float, scale: float = 1.0, normalize: bool = True) -> torch.Tensor:
+    return merge_family(deltas, weights, sparsify="magnitude", density=density, consensus=True, normalize=normalize, scale=scale)

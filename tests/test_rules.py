@@ -1,0 +1,169 @@
+"""Merge rules against dense references written from the papers' definitions, entry by entry."""
+
+import pytest
+import torch
+
+from models import LLAMA
+from nan_peft import NanPeftError, merge_adapters
+from nan_peft.rules import RULES, module_generator
+from oracle import load_sources, peft_deltas
+
+
+def trimmed(delta, density):
+    """TIES step 1: keep the top int(density * n) magnitudes of one task vector."""
+    flat = delta.flatten()
+    keep = int(density * flat.numel())
+    out = torch.zeros_like(flat)
+    order = sorted(range(flat.numel()), key=lambda i: -abs(float(flat[i])))[:keep]
+    for i in order:
+        out[i] = flat[i]
+    return out.reshape(delta.shape)
+
+
+def disjoint(taus, weights, normalize=True):
+    """TIES steps 2 and 3 with coefficients: elect the sign of sum_k w_k tau_k, weighted mean of agreeing entries."""
+    shape = taus[0].shape
+    flats = [t.flatten() for t in taus]
+    out = torch.zeros(flats[0].numel(), dtype=torch.float64)
+    for p in range(out.numel()):
+        values = [w * float(t[p]) for w, t in zip(weights, flats)]
+        total = sum(values)
+        gamma = (total > 0) - (total < 0)
+        agree = [k for k, v in enumerate(values) if float(flats[k][p]) != 0 and ((v > 0) - (v < 0)) == gamma]
+        if agree:
+            out[p] = sum(values[k] for k in agree) / (sum(weights[k] for k in agree) if normalize else 1.0)
+    return out.reshape(shape)
+
+
+def random_deltas(K=3, m=6, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(K, m, n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_paper(density, normalize):
+    deltas, weights = random_deltas(), [0.5, 0.3, 0.2]
+    expected = disjoint([trimmed(d, density) for d in deltas], weights, normalize)
+    got = RULES["ties"](deltas, torch.tensor(weights, dtype=torch.float64), None, density=density, normalize=normalize, scale=1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    scaled = RULES["ties"](deltas, torch.tensor(weights, dtype=torch.float64), None, density=density, normalize=normalize, scale=0.7)
+    torch.testing.assert_close(scaled, 0.7 * expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ties_degenerate_cases():
+    deltas = random_deltas().abs()  # all signs equal: the weighted mean of all entries (density 1)
+    w = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(RULES["ties"](deltas, w, None, density=1.0), (w[:, None, None] * deltas).sum(0) / w.sum())
+    one = random_deltas(K=1)  # a single update survives TIES unchanged but for trimming
+    torch.testing.assert_close(RULES["ties"](one, torch.tensor([0.4], dtype=torch.float64), None, density=0.5), trimmed(one[0], 0.5))
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_magnitude_prune_matches_definition(density):
+    deltas, weights = random_deltas(seed=2), [1.0, -0.5, 2.0]
+    expected = sum(w * trimmed(d, density) for w, d in zip(weights, deltas))
+    got = RULES["magnitude_prune"](deltas, torch.tensor(weights, dtype=torch.float64), None, density=density)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_task_arithmetic_is_scaled_weighted_sum():
+    deltas, weights = random_deltas(seed=3), [0.2, 0.3, 0.5]
+    expected = 0.8 * sum(w * d for w, d in zip(weights, deltas))
+    torch.testing.assert_close(RULES["task_arithmetic"](deltas, torch.tensor(weights, dtype=torch.float64), None, scale=0.8), expected)
+
+
+def dare_mask(seed, module, shape, density):
+    return torch.rand(shape, generator=module_generator(seed, module), dtype=torch.float64) < density
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_matches_definition_with_its_mask(name):
+    deltas, weights, density = random_deltas(seed=4), [0.5, 0.25, 0.25], 0.4
+    keep = dare_mask(7, "layer", deltas.shape, density)
+    rescaled = [d * k / density for d, k in zip(deltas, keep)]
+    if name == "dare_linear":
+        expected = sum(w * d for w, d in zip(weights, rescaled))
+    else:
+        expected = disjoint(rescaled, weights)
+    got = RULES[name](deltas, torch.tensor(weights, dtype=torch.float64), module_generator(7, "layer"), density=density)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dare_is_unbiased():
+    delta = random_deltas(K=1, m=200, n=200, seed=5)
+    dropped = RULES["dare_linear"](delta, torch.tensor([1.0], dtype=torch.float64), module_generator(0, "x"), density=0.25)
+    kept = dropped != 0
+    assert kept.double().mean().item() == pytest.approx(0.25, abs=0.01)
+    torch.testing.assert_close(dropped[kept], delta[0][kept] / 0.25)
+
+
+@pytest.fixture(scope="module")
+def deltas(llama_adapters):
+    return peft_deltas(load_sources(LLAMA, llama_adapters))
+
+
+def stacked(deltas, module, coefficients):
+    present = sorted((int(n[1:]), d) for n, d in deltas[module].items() if coefficients[int(n[1:])] != 0)
+    return [d for _, d in present], [coefficients[k] for k, _ in present]
+
+
+def merged_update(result, module):
+    m = result.adapter.modules[module]
+    return m.B.double() @ m.A.double()
+
+
+@pytest.mark.parametrize("coefficients", ["nan", "uniform", [0.7, 0.1, 0.5, 0.2]])
+def test_ties_pipeline_equals_reference_on_real_adapters(llama_adapters, deltas, coefficients):
+    """Rank 32 >= every module's size, so the truncation back to LoRA is exact and the rule shows through."""
+    result = merge_adapters(llama_adapters, coefficients=coefficients, method="ties", density=0.3, scale=1.5, rank=32)
+    assert result.options["combine"] == "svd"
+    for m, module in enumerate(result.coefficients.modules):
+        taus, weights = stacked(deltas, module, result.coefficients.values[m].tolist())
+        expected = 1.5 * disjoint([trimmed(t, 0.3) for t in taus], weights)
+        torch.testing.assert_close(merged_update(result, module), expected, rtol=1e-6, atol=1e-6)
+        assert next(r for r in result.report if r.module == module).discarded == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dense_rule_truncation_is_optimal_and_reported(llama_adapters, deltas):
+    result = merge_adapters(llama_adapters, method="magnitude_prune", density=0.5, rank=3)
+    for m, module in enumerate(result.coefficients.modules):
+        taus, weights = stacked(deltas, module, result.coefficients.values[m].tolist())
+        dense = sum(w * trimmed(t, 0.5) for w, t in zip(weights, taus))
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+        best = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
+        torch.testing.assert_close(merged_update(result, module), best, rtol=1e-6, atol=1e-6)
+        report = next(r for r in result.report if r.module == module)
+        assert report.discarded == pytest.approx(torch.linalg.norm(dense - best).item(), rel=1e-6)
+
+
+def test_task_arithmetic_scale_is_exact_and_low_rank(llama_adapters):
+    plain = merge_adapters(llama_adapters)
+    scaled = merge_adapters(llama_adapters, method="task_arithmetic", scale=0.5)
+    assert scaled.options["combine"] == "cat" and scaled.rank == plain.rank
+    for module in plain.adapter.modules:
+        torch.testing.assert_close(merged_update(scaled, module), 0.5 * merged_update(plain, module), rtol=1e-6, atol=1e-8)
+
+
+def test_dare_seeded(llama_adapters):
+    first = merge_adapters(llama_adapters, method="dare_ties", density=0.5, rank=8, seed=1)
+    again = merge_adapters(llama_adapters, method="dare_ties", density=0.5, rank=8, seed=1)
+    other = merge_adapters(llama_adapters, method="dare_ties", density=0.5, rank=8, seed=2)
+    module = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(first.adapter.modules[module].A, again.adapter.modules[module].A)
+    assert not torch.allclose(merged_update(first, module), merged_update(other, module))
+    assert first.options["seed"] == 1
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(method="ties", rank=4), "ties rule: needs density"),
+    (dict(method="ties", density=0.5), "svd needs a target rank"),
+    (dict(method="ties", density=0.5, combine="cat"), "gives dense updates"),
+    (dict(method="ties", density=1.5, rank=4), r"density must be in \(0, 1\]"),
+    (dict(method="task_arithmetic", density=0.5), "task_arithmetic rule: no option density"),
+    (dict(method="ties", density=0.5, rank=4, seed=3), "ties rule: no option seed"),
+    (dict(method="slerp"), "unknown rule 'slerp'"),
+])
+def test_rule_option_errors(llama_adapters, options, message):
+    with pytest.raises(NanPeftError, match=message):
+        merge_adapters(llama_adapters, **options)
