@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +84,7 @@ def combine(
     if rule not in LOW_RANK:
         if method != "svd":
             raise NanPeftError(f"the {rule} rule gives dense updates: combine them with svd and a rank, not {method}")
-        return _dense(adapters, coefficients, RULES[rule], params, seed, rank, device, dtype)
+        return _dense(adapters, coefficients, rule, options, rank, device, dtype)
     scale = params.get("scale", 1.0)
     terms = {path: t for path, t in weighted_terms(adapters, coefficients, scale).items() if t}
     if method == "cat":
@@ -123,17 +123,37 @@ def _svd(terms, rank, device, dtype, max_batch_bytes):
     return {p: merged[p] for p in paths}, [report[p] for p in paths]
 
 
-def _dense(adapters, coefficients, rule, params, seed, rank, device, dtype):
-    merged, report = {}, []
+def dense_updates(
+    adapters: Sequence[LoraAdapter],
+    coefficients: Coefficients,
+    rule: str = "task_arithmetic",
+    options: Mapping | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[str, list[LoraModule], torch.Tensor]]:
+    """Yield (path, contributing modules, merged update as an (m, n) float64 matrix on `device`) one module
+    at a time, for any rule: what the fold path adds to base weights, and what svd truncates for the
+    entry-wise rules. Memory: the K dense updates of one module."""
+    params, seed = rule_options(rule, options or {})
     for m, path in enumerate(coefficients.modules):
         c = coefficients.values[m]
         members = [k for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
         if not members:
             continue
         modules = [adapters[k].modules[path] for k in members]
+        if rule in LOW_RANK:
+            scale = params.get("scale", 1.0)
+            B = torch.cat([mod.B.to(device, torch.float64) * (scale * float(c[k]) * mod.scale) for k, mod in zip(members, modules)], dim=1)
+            A = torch.cat([mod.A.to(device, torch.float64) for mod in modules])
+            yield path, modules, B @ A
+            continue
         deltas = torch.stack([mod.scale * (mod.B.to(device, torch.float64) @ mod.A.to(device, torch.float64)) for mod in modules])
         generator = module_generator(seed, path, device) if seed is not None else None
-        update = rule(deltas, c[members].to(device), generator, **params)
+        yield path, modules, RULES[rule](deltas, c[members].to(device), generator, **params)
+
+
+def _dense(adapters, coefficients, rule, options, rank, device, dtype):
+    merged, report = {}, []
+    for path, modules, update in dense_updates(adapters, coefficients, rule, options, device):
         B, A, S = truncate_dense(update, rank)
         S = S.cpu()
         merged[path] = _like(modules[0], A.to("cpu", dtype), B.to("cpu", dtype))

@@ -47,6 +47,13 @@ class LoraModule:
         """The dense update s * B @ A in float64 (for tests and small modules only)."""
         return self.scale * (self.B.double() @ self.A.double())
 
+    def weight_delta(self, update: torch.Tensor) -> torch.Tensor:
+        """An (m, n) update matrix in the layout of the base weight it adds to: (out, in) for Linear,
+        (in, out) for Conv1D (fan_in_fan_out), (num_embeddings, dim) for Embedding, (out, in, *kernel) for Conv."""
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return update.T
+        return update.reshape(update.shape[0], *self.a_tail) if self.kind == "conv" else update
+
     def peft_factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reshape matrix factors of any rank to this module's peft layout."""
         return A.reshape(A.shape[0], *self.a_tail), B.reshape(B.shape[0], B.shape[1], *self.b_tail)

@@ -222,3 +222,21 @@ def test_embedding_base_weight_is_carried(llama_adapters):
 def test_bf16_adapter_keeps_dtype(tmp_path):
     adapter = read_adapter(make_adapter(tmp_path / "bf16", seed=3, dtype=torch.bfloat16))
     assert {m.A.dtype for m in adapter.modules.values()} == {torch.bfloat16}
+
+
+def test_weight_delta_has_the_base_weight_layout(llama_adapters, gpt2_adapters, tmp_path):
+    """weight_delta(s B A) equals peft's get_delta_weight, which is laid out like the base weight."""
+    from oracle import lora_layers
+
+    conv = [make_conv_adapter(tmp_path / "c", 1, 0.1)]
+    from peft import PeftModel
+
+    cases = [(load_sources(LLAMA, llama_adapters[2:3]), llama_adapters[2]), (load_sources(GPT2, gpt2_adapters[2:3]), gpt2_adapters[2]),
+             (PeftModel.from_pretrained(TinyConv(), conv[0], adapter_name="s0"), conv[0])]
+    for model, path in cases:
+        adapter = read_adapter(path)
+        for module, layer in lora_layers(model).items():
+            expected = layer.get_delta_weight("s0")
+            got = adapter.modules[module].weight_delta(adapter.modules[module].delta())
+            assert got.shape == layer.get_base_layer().weight.shape
+            torch.testing.assert_close(got, expected.double(), rtol=1e-5, atol=1e-7)
