@@ -8,6 +8,7 @@
 from .coefficients import Coefficients, coefficients_for, manual_coefficients, nan_coefficients, uniform_coefficients
 from .combine import ModuleReport, combine
 from .errors import NanPeftError
+from .live import add_nan_weighted_adapter
 from .lora import LoraAdapter, LoraModule
 from .merge import MergeResult, merge_adapters
 from .norms import UpdateGram, update_gram
@@ -25,6 +26,7 @@ __all__ = [
     "NanPeftError",
     "UpdateGram",
     "adapter_config",
+    "add_nan_weighted_adapter",
     "adapter_state_dict",
     "coefficients_for",
     "combine",

@@ -40,7 +40,7 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     folder = _resolve(path)
     label = str(path)
     config = _read_config(folder, label)
-    _check_config(config, label)
+    check_config(config, label)
     tensors = _read_tensors(folder, label)
     extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
     modules = _modules_from_tensors(tensors, config, label)
@@ -124,7 +124,8 @@ def _read_config(folder: Path, label: str) -> dict:
     return config
 
 
-def _check_config(config: dict, label: str) -> None:
+def check_config(config: dict, label: str) -> None:
+    """Raise NanPeftError, naming `label`, unless the config describes a plain LoRA update s * B @ A."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise NanPeftError(f"{label}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be merged")

@@ -1,0 +1,60 @@
+"""add_nan_weighted_adapter on a loaded PeftModel, against merge_adapters on the saved adapters and peft."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from models import BASES, LLAMA, input_ids
+from nan_peft import NanPeftError, merge_adapters
+from nan_peft.live import adapter_from_model, add_nan_weighted_adapter
+from oracle import load_sources, lora_layers, scale_sources
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("options", [dict(combine="cat"), dict(combine="svd", rank=6, granularity="module"), dict(method="ties", density=0.5, rank=32)])
+def test_live_merge_equals_offline_merge(llama_adapters, tmp_path, options):
+    model = load_sources(LLAMA, llama_adapters)
+    before = snapshot(model)
+    scalings = {p: dict(layer.scaling) for p, layer in lora_layers(model).items()}
+    result = add_nan_weighted_adapter(model, ["s0", "s1", "s2", "s3"], "merged", **options)
+
+    offline = merge_adapters(llama_adapters, **options)
+    torch.testing.assert_close(result.coefficients.values, offline.coefficients.values, rtol=1e-12, atol=0)
+    offline.save_pretrained(tmp_path / "offline")
+    reference = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "offline")
+
+    # the sources are untouched and still the active ones
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {p: {n: s for n, s in layer.scaling.items() if n != "merged"} for p, layer in lora_layers(model).items()} == scalings
+    assert model.active_adapters == ["s0", "s1", "s2", "s3"]
+
+    model.set_adapter("merged")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=1e-5, atol=1e-6)
+
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["merged"])
+    again = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "saved" / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids()).logits, reference(input_ids()).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_live_uses_current_scaling(llama_adapters):
+    """A source whose scale was changed in the model is merged with that scale."""
+    model = load_sources(LLAMA, llama_adapters[:2])
+    scale_sources(model, {p: {n: 2.0 for n in layer.scaling} for p, layer in lora_layers(model).items()})
+    adapter = adapter_from_model(model, "s0")
+    offline = merge_adapters(llama_adapters[:1])
+    for path, module in adapter.modules.items():
+        torch.testing.assert_close(module.delta(), 2.0 * offline.sources[0].modules[path].delta(), rtol=1e-6, atol=1e-8)
+
+
+def test_live_errors(llama_adapters):
+    model = load_sources(LLAMA, llama_adapters[:2])
+    with pytest.raises(NanPeftError, match="no adapter 'nope'"):
+        add_nan_weighted_adapter(model, ["s0", "nope"], "m")
+    with pytest.raises(NanPeftError, match="already has an adapter named 's1'"):
+        add_nan_weighted_adapter(model, ["s0", "s1"], "s1")
