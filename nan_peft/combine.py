@@ -47,6 +47,13 @@ def weighted_terms(adapters: Sequence[LoraAdapter], coefficients: Coefficients, 
     return terms
 
 
+def stacked_factors(terms: Sequence[Term], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = ([w_1 B_1 | ... | w_K B_K], [A_1; ...; A_K]) in float64: B @ A = sum_k w_k B_k A_k exactly."""
+    B = torch.cat([module.B.to(device, torch.float64) * weight for _, module, weight in terms], dim=1)
+    A = torch.cat([module.A.to(device, torch.float64) for _, module, _ in terms])
+    return B, A
+
+
 def default_combine(rule: str) -> str:
     """cat for plain weighted sums (exact), svd for rules whose result exists only densely."""
     return "cat" if rule in LOW_RANK else "svd"
@@ -101,9 +108,7 @@ def _cat(terms, norms, rank, dtype):
     rank = rank or needed
     merged, report = {}, []
     for path, path_terms in terms.items():
-        A = torch.cat([m.A.to(torch.float64) for _, m, _ in path_terms])
-        B = torch.cat([m.B.to(torch.float64) * w for _, m, w in path_terms], dim=1)
-        B, A = pad_rank(B, A, rank)
+        B, A = pad_rank(*stacked_factors(path_terms), rank)
         merged[path] = _like(path_terms[0][1], A.to(dtype), B.to(dtype))
         report.append(ModuleReport(path, input_ranks[path], input_ranks[path], norms[path], 0.0))
     return merged, report
@@ -134,18 +139,18 @@ def dense_updates(
     at a time, for any rule: what the fold path adds to base weights, and what svd truncates for the
     entry-wise rules. Memory: the K dense updates of one module."""
     params, seed = rule_options(rule, options or {})
+    if rule in LOW_RANK:
+        for path, terms in weighted_terms(adapters, coefficients, params.get("scale", 1.0)).items():
+            if terms:
+                B, A = stacked_factors(terms, device)
+                yield path, [module for _, module, _ in terms], B @ A
+        return
     for m, path in enumerate(coefficients.modules):
         c = coefficients.values[m]
         members = [k for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
         if not members:
             continue
         modules = [adapters[k].modules[path] for k in members]
-        if rule in LOW_RANK:
-            scale = params.get("scale", 1.0)
-            B = torch.cat([mod.B.to(device, torch.float64) * (scale * float(c[k]) * mod.scale) for k, mod in zip(members, modules)], dim=1)
-            A = torch.cat([mod.A.to(device, torch.float64) for mod in modules])
-            yield path, modules, B @ A
-            continue
         deltas = torch.stack([mod.scale * (mod.B.to(device, torch.float64) @ mod.A.to(device, torch.float64)) for mod in modules])
         generator = module_generator(seed, path, device) if seed is not None else None
         yield path, modules, RULES[rule](deltas, c[members].to(device), generator, **params)
