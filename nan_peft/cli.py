@@ -225,7 +225,8 @@ def cli() -> None:
 @click.argument("adapters", nargs=-1, metavar="[ADAPTER]...")
 @_opt("-o", "--output", metavar="DIR", section="Input and output", help="Folder to write the merged adapter to.")
 @_opt("--config", "recipe", type=click.Path(dir_okay=False), metavar="RECIPE.yaml", section="Input and output",
-      help="YAML recipe with the same option names (adapters, output, combine, ...); options given here override it.")
+      help="YAML recipe with the same option names (adapters, output, combine, ...; paths relative to the current "
+           "folder); options given here override it.")
 @_opt("--force", is_flag=True, section="Input and output", help="Replace OUTPUT if it exists (atomically).")
 @_opt("--allow-different-bases", is_flag=True, default=None, section="Input and output",
       help="Merge adapters whose configs name different base models.")
@@ -299,11 +300,13 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     rows = [[a["name"], a["path"], _g(a["norm"]), "per module" if a["coefficient"] is None else _g(a["coefficient"])] for a in document["adapters"]]
     click.echo(_table(["adapter", "path", "norm", "coefficient"], rows, right={2, 3}))
     c = document["coefficients"]
+    rule = ", ".join(f"{key} {value}" for key, value in document["rule"].items())
     click.echo(
         f"\n{c['method']} coefficients ({c['granularity']}"
         + (f", exponent {_g(c['exponent'])}" if c["exponent"] is not None else "")
         + (f", total {_g(c['total'])}" if c["total"] is not None else "")
-        + f"); {document['combine']} merge of {len(document['modules'])} modules, rank {document['rank']}"
+        + f"), {document['method']} rule" + (f" ({rule})" if rule else "")
+        + f"; {document['combine']} merge of {len(document['modules'])} modules, rank {document['rank']}"
     )
     if document["combine"] == "svd" and document["modules"]:
         worst = max(document["modules"], key=lambda m: m["relative_discarded"])

@@ -105,7 +105,7 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
     how = (
         "exactly (the factors are concatenated, rank = sum of the ranks)"
         if combine == "cat"
-        else f"truncated to rank {result.rank} by an SVD of the merged update (the best rank-{result.rank} approximation)"
+        else f"into rank {result.rank} by an SVD of the merged update (the best rank-{result.rank} approximation)"
     )
     front = ["---", "library_name: peft", "tags:", "- lora", "- nan-peft", "- merge"]
     if base:
@@ -125,13 +125,16 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
         "uniform": "uniform coefficients",
         "manual": "weights given by hand",
     }.get(method, method)
+    rule_name = options.get("method", "task_arithmetic")
+    rule_options = ", ".join(f"{key} {options[key]}" for key in ("density", "scale", "normalize", "seed") if options.get(key) is not None)
+    plugged = f"plugged into the `{rule_name}` merge rule" + (f" ({rule_options})" if rule_options else "")
     lines = [
         *front,
         "",
         "# Merged LoRA adapter",
         "",
         f"Made by nan-peft {record['nan_peft_version']} from {len(record['inputs'])} LoRA adapters with {rule}, "
-        f"granularity `{coefficients['granularity']}`, merged {how}.",
+        f"granularity `{coefficients['granularity']}`, {plugged}, merged {how}.",
         "",
         *rows,
         "",
