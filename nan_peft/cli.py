@@ -262,7 +262,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
       nan-peft merge --config recipe.yaml --force
     """
     from .merge import merge_adapters
-    from .record import CARD_NAME, RECORD_NAME, input_entry, merge_record, model_card, module_entry, record_json
+    from .record import input_entry, merge_record, provenance_files
 
     recipe_data = _load_recipe(recipe) if recipe else {}
     options = {key: recipe_data[key] for key in MERGE_OPTIONS if recipe_data.get(key) is not None}
@@ -283,17 +283,16 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     if Path(output).exists() and not force:
         raise NanPeftError(f"{output} already exists; pass --force to replace it")
 
-    sources = _read(paths, quiet, bool(options.pop("allow_different_bases", False)))
+    sources = _read(paths, quiet, bool(options.get("allow_different_bases")))
     with _stage("norms, coefficients, merge", quiet):
         result = merge_adapters(sources, device=device, **options)
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
     record = merge_record(result, inputs, command, {"device": str(device)}, recipe=recipe_data or None)
-    files = {RECORD_NAME: record_json(record), CARD_NAME: model_card(result, record, output)}
     with _stage(f"writing {output}", quiet):
-        result.save_pretrained(output, overwrite=force, extra_files=files)
+        written = result.save_pretrained(output, overwrite=force, extra_files=provenance_files(result, record, output))
 
-    document = _merge_document(result, record, output, sorted(["adapter_config.json", "adapter_model.safetensors", *files]), module_entry)
+    document = _merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     if as_json:
         _print_json(document)
         return
@@ -314,7 +313,9 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     click.echo(f"wrote {output} ({', '.join(document['files'])})")
 
 
-def _merge_document(result, record, output, files, module_entry) -> dict:
+def _merge_document(result, record: dict, output: str, files: list[str]) -> dict:
+    from .record import module_entry
+
     coefficients = result.coefficients
     per_adapter = record["coefficients"]["per_adapter"]
     names = list(result.gram.adapter_names)
@@ -512,6 +513,7 @@ def norms(adapters, allow_different_bases, device, as_json, quiet, debug) -> Non
 def inspect_adapter(adapter, as_json, quiet, debug) -> None:
     """Describe ADAPTER (base model, ranks, scaling, target modules, layers, size, variants such as rsLoRA) and
     check whether the serving engines vLLM, LoRAX, TGI and peft would load it as is."""
+    from .reader import SAFETENSORS_NAME
     from .serving import ENGINES, layer_index, loads, module_type, serving_findings
 
     (source,) = _read([adapter], quiet)
@@ -528,7 +530,7 @@ def inspect_adapter(adapter, as_json, quiet, debug) -> None:
         "path": adapter,
         "base_model": source.base_model,
         "task_type": config.get("task_type"),
-        "format": "safetensors" if "adapter_model.safetensors" in files else "bin",
+        "format": "safetensors" if SAFETENSORS_NAME in files else "bin",
         "r": config["r"],
         "lora_alpha": config["lora_alpha"],
         "ranks": sorted(source.ranks),

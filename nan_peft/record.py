@@ -96,6 +96,11 @@ def record_json(record: Mapping) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
+def provenance_files(result: MergeResult, record: Mapping, output: str) -> dict[str, str]:
+    """The files written next to the adapter: {RECORD_NAME: the record as JSON, CARD_NAME: the model card}."""
+    return {RECORD_NAME: record_json(record), CARD_NAME: model_card(result, record, output)}
+
+
 def model_card(result: MergeResult, record: Mapping, output: str) -> str:
     """README.md for the merged adapter: what went in, with which coefficients, and how to load it with peft."""
     base = result.adapter.base_model

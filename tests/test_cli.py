@@ -6,6 +6,7 @@ the numbers (inverse-norm coefficients, dense updates), not only exit codes.
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +249,17 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(here, args, code, mess
 def test_usage_errors_point_to_help(here):
     assert fail(2, "merge", "small", "--rank", "0").endswith("(see 'nan-peft merge --help')")
     assert fail(2, "frobnicate").startswith("error: No such command")
+
+
+def test_different_bases_need_the_flag(here, tmp_path):
+    other = tmp_path / "other-base"
+    shutil.copytree(here / "small", other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "another-llama"}))
+    assert "different base models" in fail(1, "merge", "large", other, "-o", "out-bases")
+    document = json.loads(ok("merge", "large", other, "-o", "out-bases", "--allow-different-bases", "--json").stdout)
+    assert [a["name"] for a in document["adapters"]] == ["large", "other-base"]
+    assert json.loads((here / "out-bases" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
 def test_refuses_to_overwrite_without_force(here):
