@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from peft import TaskType
 from peft.utils.other import get_pattern_key
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .errors import NanPeftError
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_peft
@@ -20,6 +22,9 @@ from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+CHECKSUM_KEY = "nan_peft.sha256"
+"""Safetensors metadata entry holding content_digest(); written by nan-peft, checked on read when present."""
+_DIGESTED_CONFIG = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
 
 # init_lora_weights values whose training starts from a modified base model: the saved factors are not an
 # update of the original base unless peft converted them on save (it then resets init_lora_weights).
@@ -39,24 +44,50 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     """
     folder = _resolve(path)
     label = str(path)
-    config = _read_config(folder, label)
-    check_config(config, label)
-    tensors = _read_tensors(folder, label)
-    extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
-    modules = _modules_from_tensors(tensors, config, label)
-    if not modules:
-        raise NanPeftError(f"{label}: the adapter holds no LoRA weights")
+    for _ in range(_READ_ATTEMPTS):
+        before = _file_states(folder)
+        try:
+            config, modules, extras = _read_folder(folder, label)
+        except NanPeftError:
+            if _file_states(folder) == before:
+                raise
+            continue  # republished while we read: the config and the weights may be from different versions
+        if _file_states(folder) == before:
+            break
+    else:
+        raise NanPeftError(f"{label}: the adapter kept changing while it was being read; try again once it is written")
     return LoraAdapter(name=name or _display_name(path), source=str(folder), config=config, modules=modules, extras=extras)
 
 
-def read_adapters(paths: Sequence[str | os.PathLike | LoraAdapter], allow_different_bases: bool = False) -> list[LoraAdapter]:
-    """Read several adapters and check that they can be merged: one base model, compatible module shapes."""
+def read_adapters(
+    paths: Sequence[str | os.PathLike | LoraAdapter], allow_different_bases: bool = False, allow_duplicates: bool = False
+) -> list[LoraAdapter]:
+    """Read several adapters and check that they can be merged: one base model, compatible module shapes.
+
+    The same adapter given twice (the same folder, a copy of it, or the same object) is refused unless
+    allow_duplicates: merging it twice silently doubles its weight. Adapters with the same name are renamed
+    a, a#2, ... in the returned list; LoraAdapter objects passed in are not modified.
+    """
     adapters = [p if isinstance(p, LoraAdapter) else read_adapter(p) for p in paths]
     if not adapters:
         raise NanPeftError("no adapters given")
-    _unique_names(adapters)
+    if not allow_duplicates:
+        _refuse_duplicates(adapters)
+    adapters = _unique_names(adapters)
     check_compatible(adapters, allow_different_bases)
     return adapters
+
+
+def content_digest(tensors: Mapping[str, torch.Tensor], config: Mapping) -> str:
+    """sha256 of an adapter's content: every tensor's name, dtype, shape and bytes, and the config fields that
+    set the update's scale. Stored in the safetensors metadata (CHECKSUM_KEY) by the writer, so that a
+    corrupted or edited file is refused on read instead of loading different numbers."""
+    digest = hashlib.sha256(json.dumps({key: config.get(key) for key in _DIGESTED_CONFIG}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def check_compatible(adapters: Sequence[LoraAdapter], allow_different_bases: bool = False) -> None:
@@ -107,6 +138,33 @@ def _resolve(path: str | os.PathLike) -> Path:
     raise NanPeftError(f"{path}: no such folder")
 
 
+_READ_ATTEMPTS = 3
+
+
+def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor]]:
+    config = _read_config(folder, label)
+    check_config(config, label)
+    tensors = _read_tensors(folder, label, config)
+    extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
+    modules = _modules_from_tensors(tensors, config, label)
+    if not modules:
+        raise NanPeftError(f"{label}: the adapter holds no LoRA weights")
+    return config, modules, extras
+
+
+def _file_states(folder: Path) -> tuple:
+    """Identity of the files read (inode, size, mtime): a folder republished between reading the config and
+    the weights (publish_folder swaps whole folders) changes it, and the read starts over."""
+    states = []
+    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+        try:
+            stat = (folder / name).stat()
+            states.append((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            states.append(None)
+    return tuple(states)
+
+
 def _display_name(path: str | os.PathLike) -> str:
     return Path(path).name or str(path)
 
@@ -116,9 +174,15 @@ def _read_config(folder: Path, label: str) -> dict:
     if not file.is_file():
         raise NanPeftError(f"{label}: missing {CONFIG_NAME}")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise NanPeftError(f"{label}: {CONFIG_NAME} is not valid JSON ({error})") from None
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is unreadable ({_first_line(error)})") from None
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is not valid JSON ({_first_line(error)})") from None
+    except RecursionError:
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise NanPeftError(f"{label}: {CONFIG_NAME} is not a JSON object")
     return config
@@ -128,11 +192,11 @@ def check_config(config: dict, label: str) -> None:
     """Raise NanPeftError, naming `label`, unless the config describes a plain LoRA update s * B @ A."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise NanPeftError(f"{label}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be merged")
+        raise NanPeftError(f"{label}: peft_type is {_short(peft_type)}; only LoRA adapters (peft_type 'LORA') can be merged")
     refusals = [
         (config.get("use_dora"), "DoRA adapters (use_dora) rescale the whole weight; their update is not s*B@A"),
         (config.get("lora_bias"), "lora_bias adapters carry a trained bias the merge would drop"),
-        (config.get("bias", "none") != "none", f"bias={config.get('bias')!r} adapters carry trained biases the merge would drop"),
+        (config.get("bias", "none") != "none", f"bias={_short(config.get('bias'))} adapters carry trained biases the merge would drop"),
         (config.get("modules_to_save"), f"adapters with modules_to_save ({_listed(config.get('modules_to_save'))}) carry full modules that cannot be averaged"),
         (config.get("trainable_token_indices"), "adapters with trainable_token_indices carry token embeddings that cannot be averaged"),
         (config.get("target_parameters"), "adapters with target_parameters (LoRA on raw parameters) are not supported"),
@@ -146,22 +210,58 @@ def check_config(config: dict, label: str) -> None:
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         raise NanPeftError(
-            f"{label}: init_lora_weights={init!r} trains against a modified base model; save it with peft's "
+            f"{label}: init_lora_weights={_short(init)} trains against a modified base model; save it with peft's "
             "path_initial_model_for_weight_conversion to get a plain LoRA update first"
         )
     for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={value!r}; expected a positive number")
+        if not _positive_number(config.get(key)):
+            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a positive number")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), (bool, type(None))):
+            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected true or false")
+    for key in ("base_model_name_or_path", "revision", "task_type"):
+        if not isinstance(config.get(key), (str, type(None))):
+            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a string")
+    if config.get("task_type") is not None and config["task_type"] not in list(TaskType):
+        raise NanPeftError(f"{label}: {CONFIG_NAME} has task_type={_short(config['task_type'])}, which peft does not know")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(pattern)}; expected an object mapping module patterns to numbers")
+        for pattern_key, value in pattern.items():
+            if not _positive_number(value):
+                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}[{_short(pattern_key)}]={_short(value)}; expected a positive number")
+            try:
+                re.compile(rf"(.*\.)?({pattern_key})$")
+            except re.error as error:
+                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key} key {_short(pattern_key)}, not a valid pattern ({error})") from None
 
 
-def _read_tensors(folder: Path, label: str) -> dict[str, torch.Tensor]:
+def _positive_number(value) -> bool:
+    """A positive, finite int or float (not a bool); JSON allows NaN, Infinity and integers too large for a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:
+        return False
+
+
+def _read_tensors(folder: Path, label: str, config: dict) -> dict[str, torch.Tensor]:
     safetensors = folder / SAFETENSORS_NAME
     if safetensors.is_file():
         try:
-            return load_file(safetensors)
-        except (SafetensorError, OSError, ValueError) as error:
+            with safe_open(safetensors, framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise NanPeftError(f"{label}: {SAFETENSORS_NAME} is unreadable ({_first_line(error)})") from None
+        if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != content_digest(tensors, config):
+            raise NanPeftError(
+                f"{label}: {SAFETENSORS_NAME} and {CONFIG_NAME} do not match the checksum nan-peft wrote "
+                f"({CHECKSUM_KEY}): the adapter was corrupted or edited since"
+            )
+        return tensors
     pickle = folder / BIN_NAME
     if pickle.is_file():
         try:
@@ -226,13 +326,46 @@ def _pattern_value(config: dict, field: str, path: str, default):
     return pattern.get(key, default)
 
 
-def _unique_names(adapters: list[LoraAdapter]) -> None:
-    """Give adapters with the same folder name distinct names (a, a#2, ...) so reports stay unambiguous."""
-    counts: dict[str, int] = {}
+def _refuse_duplicates(adapters: Sequence[LoraAdapter]) -> None:
+    for j, second in enumerate(adapters):
+        for i, first in enumerate(adapters[:j]):
+            if _same_update(first, second):
+                raise NanPeftError(
+                    f"inputs {i + 1} ({first.source or first.name}) and {j + 1} ({second.source or second.name}) are the "
+                    "same adapter, so merging would silently double its weight; pass allow_duplicates=True / "
+                    "--allow-duplicates to merge it twice anyway"
+                )
+
+
+def _same_update(a: LoraAdapter, b: LoraAdapter) -> bool:
+    """The same modules with bit-identical factors and scales: the same adapter, wherever it was read from."""
+    if a is b:
+        return True
+    if a.modules.keys() != b.modules.keys():
+        return False
+    for path, x in a.modules.items():
+        y = b.modules[path]
+        if (x.scale, x.kind, x.A.dtype, x.B.dtype, x.A.shape, x.B.shape) != (y.scale, y.kind, y.A.dtype, y.B.dtype, y.A.shape, y.B.shape):
+            return False
+    return all(torch.equal(x.A, b.modules[p].A) and torch.equal(x.B, b.modules[p].B) for p, x in a.modules.items())
+
+
+def _unique_names(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+    """Give adapters with the same name distinct names (a, a#2, ...) so reports stay unambiguous; renamed
+    adapters are shallow copies, so the caller's objects keep their names."""
+    taken = {adapter.name for adapter in adapters}
+    seen: set[str] = set()
+    unique = []
     for adapter in adapters:
-        counts[adapter.name] = counts.get(adapter.name, 0) + 1
-        if counts[adapter.name] > 1:
-            adapter.name = f"{adapter.name}#{counts[adapter.name]}"
+        if adapter.name in seen:
+            count = 2
+            while f"{adapter.name}#{count}" in taken:
+                count += 1
+            adapter = dataclasses.replace(adapter, name=f"{adapter.name}#{count}")
+            taken.add(adapter.name)
+        seen.add(adapter.name)
+        unique.append(adapter)
+    return unique
 
 
 def _describe(signature: tuple) -> str:
@@ -242,7 +375,15 @@ def _describe(signature: tuple) -> str:
 
 
 def _listed(value) -> str:
-    return ", ".join(value) if isinstance(value, (list, tuple)) else str(value)
+    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    text = text.encode("unicode_escape").decode("ascii")  # one line, whatever the config holds
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr() on one line, cut to `limit` characters: config values can be anything."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_line(error: BaseException) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +20,7 @@ from safetensors.torch import save_file
 from .errors import NanPeftError
 from .gram import pad_rank
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter
-from .reader import CONFIG_NAME, SAFETENSORS_NAME
+from .reader import CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
 
 
 def servable_rank(adapter: LoraAdapter, rank: int | None = None) -> int:
@@ -41,6 +44,12 @@ def adapter_state_dict(adapter: LoraAdapter, rank: int | None = None) -> dict[st
         state[f"{KEY_PREFIX}{path}.{a_key}"] = A.contiguous()
         state[f"{KEY_PREFIX}{path}.{b_key}"] = B.contiguous()
     state.update({key: tensor.contiguous() for key, tensor in sorted(adapter.extras.items())})
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NanPeftError(
+                f"cannot write {key}: it holds NaN or Inf ({str(tensor.dtype).removeprefix('torch.')} overflow? "
+                "merge with dtype=float32)"
+            )
     return state
 
 
@@ -72,34 +81,73 @@ def write_adapter(
     rank: int | None = None,
     overwrite: bool = False,
     extra_files: Mapping[str, str | bytes] | None = None,
+    protected: Sequence[str | os.PathLike] = (),
 ) -> Path:
-    """Write `adapter` to `folder` in its servable form (see adapter_config), atomically (publish_folder)."""
+    """Write `adapter` to `folder` in its servable form (see adapter_config), atomically (publish_folder).
+
+    The safetensors metadata carries a checksum of the tensors and of the config's scale fields
+    (reader.content_digest) that read_adapter verifies. extra_files are written next to the adapter; their
+    names must be plain file names. `protected` folders (the inputs) are never replaced or written into.
+    """
+    for name in extra_files or {}:
+        if not _plain_file_name(name) or name in (CONFIG_NAME, SAFETENSORS_NAME):
+            raise NanPeftError(f"extra file name {name!r} is not a plain file name beside {CONFIG_NAME} and {SAFETENSORS_NAME}")
     state = adapter_state_dict(adapter, rank)
     config = adapter_config(adapter, rank)
+    metadata = {"format": "pt", CHECKSUM_KEY: content_digest(state, config)}
 
     def write(tmp: Path) -> None:
-        save_file(state, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+        save_file(state, tmp / SAFETENSORS_NAME, metadata=metadata)
+        _sort_metadata(tmp / SAFETENSORS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, content in (extra_files or {}).items():
             target = tmp / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content, encoding="utf-8")
 
-    return publish_folder(folder, write, overwrite)
+    return publish_folder(folder, write, overwrite, protected)
 
 
-def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def _sort_metadata(file: Path) -> None:
+    """Rewrite the safetensors header with its metadata in sorted order, in place and at the same length.
+
+    safetensors serialises metadata from a hash map, so with more than one entry their order, and the file's
+    bytes, change from process to process; sorted, the same merge gives the same bytes every time.
+    """
+    with open(file, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size or json.loads(text) != json.loads(raw):
+            return  # never expected; the file stays valid, only its metadata order is left as written
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))
+
+
+def publish_folder(
+    folder: str | os.PathLike,
+    write: Callable[[Path], None],
+    overwrite: bool = False,
+    protected: Sequence[str | os.PathLike] = (),
+) -> Path:
     """Create `folder` by calling write(tmp) on a temporary sibling, then renaming it into place.
 
     A reader (a server hot-swapping adapters) sees the old folder or the complete new one, never a partial
     one: on Linux an existing folder is swapped in one renameat2(RENAME_EXCHANGE); elsewhere the old folder
     is moved aside first. If `write` fails, nothing is left behind and an existing folder is untouched.
+    The temporary sibling is a hidden `.NAME.<host>-<pid>-<random>.tmp` folder; a process killed mid-write
+    leaves it behind, and the next publish of the same folder from this host removes it once its process is
+    gone. `folder` may not be, contain or sit inside a `protected` folder (the inputs of a merge).
     """
     folder = Path(folder)
+    _refuse_protected(folder, protected)
+    remove_stale_temporaries(folder)
     if folder.exists() and not (overwrite and folder.is_dir()):
         what = "a file" if not folder.is_dir() else "a folder"
         raise NanPeftError(f"{folder} already exists ({what}); pass overwrite=True / --force to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
     try:
         write(tmp)
         _sync(tmp)
@@ -108,19 +156,96 @@ def publish_folder(folder: str | os.PathLike, write: Callable[[Path], None], ove
         tmp.chmod(0o777 & ~umask)
         if folder.exists():
             _swap_in(tmp, folder)
-            shutil.rmtree(tmp)  # now holds the old contents
+            _remove(tmp)  # now holds the old contents
         else:
             os.rename(tmp, folder)
+        _sync_folder(folder.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return folder
 
 
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings publish_folder left for `folder` when its process was killed: those made
+    on this host by a process that no longer runs. Live writers' folders and other hosts' are kept. If a
+    killed swap left the old contents aside (`.old`, non-Linux fallback) and `folder` is gone, they are
+    put back. Returns the paths removed or restored."""
+    folder = Path(folder)
+    pattern = re.compile(rf"^\.{re.escape(folder.name)}\.{_HOST}-(\d+)-[^/]*\.tmp(\.old)?$")
+    handled = []
+    try:
+        siblings = sorted(folder.parent.iterdir())
+    except OSError:
+        return handled
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if match is None or _alive(int(match[1])):
+            continue
+        if match[2] and not folder.exists():
+            os.rename(sibling, folder)
+        else:
+            _remove(sibling)
+        handled.append(sibling)
+    return handled
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _refuse_protected(folder: Path, protected: Sequence[str | os.PathLike]) -> None:
+    target = folder.resolve()
+    for path in protected:
+        if not path:
+            continue
+        guarded = Path(path).resolve()
+        if target == guarded or guarded in target.parents or target in guarded.parents:
+            raise NanPeftError(f"output folder {folder} would replace or write into input {path}; choose another output folder")
+
+
+def _plain_file_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _sync(folder: Path) -> None:
-    for file in folder.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    """fsync every file and folder under `folder`, so that a rename never publishes data still in flight."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _sync_folder(Path(root))
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders
+    finally:
+        os.close(handle)
 
 
 def _swap_in(new: Path, old: Path) -> None:

@@ -209,7 +209,7 @@ def test_incompatible_module_shapes_refused(llama_adapters, tmp_path):
 
 
 def test_same_folder_twice_gets_distinct_names(llama_adapters):
-    names = [a.name for a in read_adapters([llama_adapters[0], llama_adapters[0]])]
+    names = [a.name for a in read_adapters([llama_adapters[0], llama_adapters[0]], allow_duplicates=True)]
     assert names == ["plain", "plain#2"]
 
 
