@@ -263,6 +263,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     """
     from .merge import merge_adapters
     from .record import input_entry, merge_record, provenance_files
+    from .writer import write_adapter
 
     recipe_data = _load_recipe(recipe) if recipe else {}
     options = {key: recipe_data[key] for key in MERGE_OPTIONS if recipe_data.get(key) is not None}
@@ -289,8 +290,9 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
     record = merge_record(result, inputs, command, {"device": str(device)}, recipe=recipe_data or None)
-    with _stage(f"writing {output}", quiet):
-        written = result.save_pretrained(output, overwrite=force, extra_files=provenance_files(result, record, output))
+    files = provenance_files(result, record, output)
+    with _stage(f"writing {output}", quiet):  # never over an input (MergeResult.save_pretrained does not guard this)
+        written = write_adapter(result.adapter, output, overwrite=force, extra_files=files, protected=[s.source for s in sources])
 
     document = _merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     if as_json:

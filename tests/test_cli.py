@@ -273,6 +273,15 @@ def test_refuses_to_overwrite_without_force(here):
     assert leftovers(here, "out-keep") == []
 
 
+def test_never_writes_over_an_input_even_with_force(here):
+    before = folder_bytes(here / "small")
+    line = fail(1, "merge", "small", "large", "-o", "small", "--force")
+    assert "would replace or write into input" in line
+    assert folder_bytes(here / "small") == before
+    assert "would replace or write into input" in fail(1, "merge", "small", "large", "-o", "small/inside")
+    assert not (here / "small" / "inside").exists()
+
+
 def test_a_merge_that_fails_while_writing_leaves_nothing_behind(here, monkeypatch):
     import nan_peft.writer
 
