@@ -86,8 +86,10 @@ class _Facts:
         self.extras = sorted(adapter.extras)
         self.rank = max(adapter.ranks | ({config["r"]} if isinstance(config.get("r"), int) else set()))
         self.types: dict[str, dict[str, int]] = {}  # module type -> {path: rank}
+        self.stacks: dict[str, dict[str, int]] = {}  # path with its layer number as '*' -> {path: rank}
         for path, module in adapter.modules.items():
             self.types.setdefault(module_type(path), {})[path] = module.rank
+            self.stacks.setdefault(_LAYER.sub(".*.", path, count=1), {})[path] = module.rank
         self.kinds = {path: m.kind for path, m in adapter.modules.items()}
         self.global_scale = _global_scale(config)
         self.scale_mismatch = (
@@ -155,8 +157,8 @@ def _vllm(facts: _Facts) -> list[Finding]:
         found.append(
             Finding(
                 "warning",
-                f"vLLM raises on target modules its model class does not declare; {', '.join(unusual)} are not the usual "
-                "attention / MLP projections: check the base model's LoRA support",
+                "vLLM raises on target modules its model class does not declare, and these are not among the usual "
+                f"attention / MLP projection names: {', '.join(unusual)}; check the base model's LoRA support",
             )
         )
     return found
@@ -174,12 +176,12 @@ def _stacking_engine(facts: _Facts, engine: str, bgmv_max_rank: int | None) -> l
         if present:
             found.append(Finding("error", f"{engine} does not read {what}: it would serve a different update than peft"))
     found += _common(facts, engine)
-    for name, ranks in sorted(facts.types.items()):
+    for name, ranks in sorted(facts.stacks.items()):
         if len(set(ranks.values())) > 1:
-            found.append(Finding("error", f"{engine} stacks all {name} modules into one tensor; their ranks differ ({sorted(set(ranks.values()))})"))
-    coverage = {name: {layer_index(p) for p in paths} for name, paths in facts.types.items()}
+            found.append(Finding("error", f"{engine} stacks the {name} modules of all layers into one tensor; their ranks differ ({sorted(set(ranks.values()))})"))
+    coverage = {name: {layer_index(p) for p in paths} for name, paths in facts.stacks.items() if "*" in name}
     widest = set().union(*coverage.values()) if coverage else set()
-    partial = sorted(name for name, layers in coverage.items() if None not in layers and layers != widest)
+    partial = sorted(name for name, layers in coverage.items() if layers != widest)
     if config.get("layers_to_transform") is not None or partial:
         found.append(
             Finding(
@@ -192,7 +194,7 @@ def _stacking_engine(facts: _Facts, engine: str, bgmv_max_rank: int | None) -> l
         found.append(Finding("warning", f"{engine} ignores tensors that are not LoRA factors ({facts.listed(facts.extras)})"))
     unusual = sorted(set(facts.types) - COMMON_TARGETS - {"lm_head"})
     if unusual:
-        found.append(Finding("warning", f"{engine} skips modules its model class does not map; {', '.join(unusual)} may be skipped"))
+        found.append(Finding("warning", f"{engine} skips modules its model class does not map, which may include: {', '.join(unusual)}"))
     low, high = FAST_RANKS
     if not low <= facts.rank <= high:
         found.append(

@@ -445,7 +445,13 @@ def test_serving_refusals_follow_the_engines_rules():
 
     mixed = {"model.layers.0.mlp.up_proj": linear(4), "model.layers.1.mlp.up_proj": linear(2, scale=2.0)}
     findings = serving_findings(adapter(mixed))
-    assert any("ranks differ ([2, 4])" in m for m in levels(findings, "lorax", "error"))
+    assert any("model.layers.*.mlp.up_proj modules of all layers" in m and "ranks differ ([2, 4])" in m for m in levels(findings, "lorax", "error"))
+
+    partial = serving_findings(adapter({**plain, "model.layers.1.mlp.up_proj": linear(4)}))
+    assert any("(model.layers.*.mlp.up_proj cover fewer layers" in m for m in levels(partial, "tgi", "error"))
+    assert loads(partial["vllm"])
+    unlayered = serving_findings(adapter({**plain, "model.embed_tokens": linear(4, kind="embedding")}))
+    assert loads(unlayered["lorax"]) and loads(unlayered["tgi"])  # a module outside the layers is not partial
     assert any("would get the wrong scale" in m for m in levels(findings, "vllm", "error"))
 
     conv = serving_findings(adapter({"conv1": linear(4, kind="conv")}))
