@@ -63,7 +63,7 @@ from . import __version__
 from .errors import NanPeftError
 from .rules import RULES
 
-MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases")
+MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
 RECIPE_KEYS = ("adapters", "output", "force", *MERGE_OPTIONS)
 DTYPES = ("float32", "float16", "bfloat16")
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
@@ -178,7 +178,7 @@ def _note(message: str, quiet: bool) -> None:
         click.echo(message, err=True)
 
 
-def _read(paths, quiet: bool, allow_different_bases: bool = False):
+def _read(paths, quiet: bool, allow_different_bases: bool = False, allow_duplicates: bool = False):
     """read_adapter for each path with a progress bar, then the library's compatibility checks."""
     from .reader import read_adapter, read_adapters
 
@@ -187,7 +187,7 @@ def _read(paths, quiet: bool, allow_different_bases: bool = False):
         for path in paths:
             adapters.append(read_adapter(path))
             bar.update(1)
-    return read_adapters(adapters, allow_different_bases=allow_different_bases)
+    return read_adapters(adapters, allow_different_bases=allow_different_bases, allow_duplicates=allow_duplicates)
 
 
 def _table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
@@ -230,6 +230,8 @@ def cli() -> None:
 @_opt("--force", is_flag=True, section="Input and output", help="Replace OUTPUT if it exists (atomically).")
 @_opt("--allow-different-bases", is_flag=True, default=None, section="Input and output",
       help="Merge adapters whose configs name different base models.")
+@_opt("--allow-duplicates", is_flag=True, default=None, section="Input and output",
+      help="Merge the same adapter more than once (it then weighs more).")
 @_opt("--coefficients", type=click.Choice(["nan", "uniform", "manual"]), section="Coefficients",
       help="nan: c_k ~ ||dW_k||^-p [default]; uniform: c_k = total/K; manual: --weights.")
 @_opt("--weights", metavar="W1,W2,...", section="Coefficients", help="Manual coefficients, one per adapter (implies --coefficients manual).")
@@ -284,7 +286,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     if Path(output).exists() and not force:
         raise NanPeftError(f"{output} already exists; pass --force to replace it")
 
-    sources = _read(paths, quiet, bool(options.get("allow_different_bases")))
+    sources = _read(paths, quiet, bool(options.get("allow_different_bases")), bool(options.get("allow_duplicates")))
     with _stage("norms, coefficients, merge", quiet):
         result = merge_adapters(sources, device=device, **options)
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]

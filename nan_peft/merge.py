@@ -45,8 +45,9 @@ class MergeResult:
     def save_pretrained(
         self, path: str | os.PathLike, overwrite: bool = False, extra_files: Mapping[str, str | bytes] | None = None
     ) -> Path:
-        """Write the merged adapter (peft format, servable form) to `path`, atomically."""
-        return write_adapter(self.adapter, path, overwrite=overwrite, extra_files=extra_files)
+        """Write the merged adapter (peft format, servable form) to `path`, atomically; never over an input."""
+        protected = [source.source for source in self.sources if source.source]
+        return write_adapter(self.adapter, path, overwrite=overwrite, extra_files=extra_files, protected=protected)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -80,6 +81,7 @@ def merge_adapters(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | None = None,
     allow_different_bases: bool = False,
+    allow_duplicates: bool = False,
 ) -> MergeResult:
     """Merge LoRA adapters into one; by default dW = sum_k c_k s_k B_k A_k at every module.
 
@@ -100,7 +102,7 @@ def merge_adapters(
     rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed}
     rule_options(method, rule)  # fail before any reading
     device = resolve_device(device)
-    sources = read_adapters(adapters, allow_different_bases=allow_different_bases)
+    sources = read_adapters(adapters, allow_different_bases=allow_different_bases, allow_duplicates=allow_duplicates)
     gram = update_gram(sources, device)
     coeffs = coefficients_for(coefficients, gram, weights=weights, granularity=granularity, exponent=exponent, total=total)
     dtype = dtype or _common_dtype(sources)
