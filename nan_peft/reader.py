@@ -149,6 +149,9 @@ def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule],
     modules = _modules_from_tensors(tensors, config, label)
     if not modules:
         raise NanPeftError(f"{label}: the adapter holds no LoRA weights")
+    for key in extras:
+        if not key.startswith(KEY_PREFIX) or key.removeprefix(KEY_PREFIX).removesuffix(_CARRIED_SUFFIX) not in modules:
+            raise NanPeftError(f"{label}: unexpected tensor {key!r} (the full weight of a module the adapter does not adapt)")
     return config, modules, extras
 
 
@@ -203,6 +206,9 @@ def check_config(config: dict, label: str) -> None:
         (config.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) applies only after its invocation tokens"),
         (config.get("use_qalora"), "QA-LoRA adapters (use_qalora) pool their inputs; their update is not s*B@A"),
         (config.get("arrow_config"), "Arrow-routed adapters are not a single update"),
+        (config.get("use_bdlora"), "block-diagonal LoRA (use_bdlora) saves its factors in a compact layout; their update is not s*B@A"),
+        (config.get("kasa_config"), "KaSA adapters (kasa_config) truncate the base weight and add a learned diagonal; their update is not s*B@A"),
+        (config.get("layer_replication"), "adapters with layer_replication adapt a model with repeated layers; their modules do not map onto the base"),
     ]
     for refused, why in refusals:
         if refused:
