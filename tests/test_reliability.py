@@ -339,6 +339,16 @@ def test_near_duplicates_are_not_duplicates(llama_adapters, tmp_path):
     assert [a.name for a in read_adapters([first, rescaled, nudged])] == ["plain", "rescaled", "nudged"]
 
 
+def test_allowed_duplicates_merge_as_asked(llama_adapters):
+    """Opted in, the same adapter twice is two equal-norm inputs: NAN gives each 1/2, the merge is the adapter."""
+    source = read_adapter(llama_adapters[0])
+    result = merge_adapters([llama_adapters[0], llama_adapters[0]], allow_duplicates=True)
+    assert result.coefficients.per_adapter.tolist() == [0.5, 0.5]
+    assert list(result.norms) == ["plain", "plain#2"]
+    for path, module in source.modules.items():
+        torch.testing.assert_close(update(result.adapter.modules[path]), update(module), rtol=1e-5, atol=1e-7)
+
+
 def test_allowed_duplicates_merge_and_leave_callers_objects_alone(llama_adapters):
     adapter = read_adapter(llama_adapters[0])
     merged = read_adapters([adapter, adapter, llama_adapters[0]], allow_duplicates=True)
@@ -405,6 +415,17 @@ def test_extra_file_names_cannot_escape_or_clobber(llama_adapters, tmp_path, nam
     with pytest.raises(NanPeftError, match="is not a plain file name beside adapter_config.json"):
         result.save_pretrained(tmp_path / "out" / "merged", extra_files={name: "text"})
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape.md").exists()
+
+
+def test_merge_output_may_not_replace_an_input(llama_adapters, tmp_path):
+    sources = [copy(p, tmp_path, p.name) for p in llama_adapters[:2]]
+    digests = [tree_digest(p) for p in sources]
+    result = merge_adapters(sources)
+    for target in (sources[1], sources[0] / "merged"):
+        with pytest.raises(NanPeftError, match="would replace or write into input"):
+            result.save_pretrained(target, overwrite=True)
+    assert [tree_digest(p) for p in sources] == digests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patterns", "plain"]
 
 
 def test_output_may_not_replace_or_enter_an_input(llama_adapters, tmp_path):
