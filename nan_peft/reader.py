@@ -139,6 +139,7 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 
 _READ_ATTEMPTS = 3
+_MAX_UPDATE_NORM = 1e150  # squared and summed over many modules and adapters, it still fits a float64
 
 
 def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor]]:
@@ -322,6 +323,12 @@ def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict
             raise NanPeftError(f"{label}: module {path} {factor} holds NaN or Inf")
     alpha = _pattern_value(config, "alpha_pattern", path, config["lora_alpha"])
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    bound = scale * float(torch.linalg.vector_norm(A, dtype=torch.float64)) * float(torch.linalg.vector_norm(B, dtype=torch.float64))
+    if not bound < _MAX_UPDATE_NORM:
+        raise NanPeftError(
+            f"{label}: module {path} has an update of norm up to {bound:.3g} (scale {scale:.3g}); its squared norm "
+            "would overflow, so this cannot be a trained update"
+        )
     return module_from_peft(A, B, scale, kind, bool(config.get("fan_in_fan_out")))
 
 

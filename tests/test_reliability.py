@@ -130,6 +130,11 @@ def test_malformed_config_files(llama_adapters, tmp_path, content, message):
     (dict(base_model_name_or_path=["a", "b"]), r"base_model_name_or_path=\['a', 'b'\]; expected a string"),
     (dict(peft_type="LOHA"), "peft_type is 'LOHA'"),
     (dict(modules_to_save=["lm_head\nfake second line"]), r"modules_to_save \(lm_head\\nfake second line\)"),
+    # finite, but the squared norm overflows: the Gram matrix then turned every adapter's norm into NaN
+    (dict(lora_alpha=1e300), r"module model.layers.0.self_attn.q_proj has an update of norm up to .*e\+29\d \(scale 2.5e\+299\)"),
+    (dict(use_bdlora={"nblocks": 2}), "block-diagonal LoRA"),
+    (dict(kasa_config={"r": 4}), "KaSA"),
+    (dict(layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
 ])
 def test_config_values_that_would_change_the_numbers_are_refused(llama_adapters, tmp_path, fields, message):
     """Before: NaN/Infinity alpha loaded with scale NaN, a huge integer raised OverflowError, a list
