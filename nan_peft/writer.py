@@ -89,9 +89,7 @@ def write_adapter(
     (reader.content_digest) that read_adapter verifies. extra_files are written next to the adapter; their
     names must be plain file names. `protected` folders (the inputs) are never replaced or written into.
     """
-    for name in extra_files or {}:
-        if not _plain_file_name(name) or name in (CONFIG_NAME, SAFETENSORS_NAME):
-            raise NanPeftError(f"extra file name {name!r} is not a plain file name beside {CONFIG_NAME} and {SAFETENSORS_NAME}")
+    check_file_names(extra_files or {}, reserved=(CONFIG_NAME, SAFETENSORS_NAME))
     state = adapter_state_dict(adapter, rank)
     config = adapter_config(adapter, rank)
     metadata = {"format": "pt", CHECKSUM_KEY: content_digest(state, config)}
@@ -100,9 +98,7 @@ def write_adapter(
         save_file(state, tmp / SAFETENSORS_NAME, metadata=metadata)
         _sort_metadata(tmp / SAFETENSORS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name, content in (extra_files or {}).items():
-            target = tmp / name
-            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content, encoding="utf-8")
+        write_files(tmp, extra_files or {})
 
     return publish_folder(folder, write, overwrite, protected)
 
@@ -213,6 +209,23 @@ def _refuse_protected(folder: Path, protected: Sequence[str | os.PathLike]) -> N
         guarded = Path(path).resolve()
         if target == guarded or guarded in target.parents or target in guarded.parents:
             raise NanPeftError(f"output folder {folder} would replace or write into input {path}; choose another output folder")
+
+
+def check_file_names(names, reserved: Sequence[str] = ()) -> None:
+    """Refuse extra file names that are not plain names in the output folder (no separators, no "..") or
+    that would replace one of the `reserved` files written there."""
+    for name in names:
+        if not _plain_file_name(name) or name in reserved:
+            others = f" other than {', '.join(reserved)}" if reserved else ""
+            raise NanPeftError(f"extra file name {name!r} must be a plain file name{others}")
+
+
+def write_files(folder: Path, files: Mapping[str, str | bytes]) -> None:
+    """Write {name: text or bytes} into `folder` (names checked by check_file_names first)."""
+    check_file_names(files)
+    for name, content in files.items():
+        target = folder / name
+        target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content, encoding="utf-8")
 
 
 def _plain_file_name(name) -> bool:

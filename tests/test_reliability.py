@@ -417,7 +417,7 @@ def test_config_strings_never_become_output_paths(llama_adapters, tmp_path):
 @pytest.mark.parametrize("name", ["../escape.md", "sub/README.md", "/tmp/abs.md", "..", "", "adapter_config.json", "a\0b"])
 def test_extra_file_names_cannot_escape_or_clobber(llama_adapters, tmp_path, name):
     result = merge_adapters(llama_adapters[:1])
-    with pytest.raises(NanPeftError, match="is not a plain file name beside adapter_config.json"):
+    with pytest.raises(NanPeftError, match="must be a plain file name other than adapter_config.json, adapter_model.safetensors"):
         result.save_pretrained(tmp_path / "out" / "merged", extra_files={name: "text"})
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape.md").exists()
 
