@@ -22,6 +22,9 @@ from .gram import pad_rank
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter
 from .reader import CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
 
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+"""This host, in the names of publish_folder's temporaries: only this host can tell whether their writer lives."""
+
 
 def servable_rank(adapter: LoraAdapter, rank: int | None = None) -> int:
     """The one global rank the adapter is written with: its largest module rank, or `rank` if larger."""
@@ -162,9 +165,6 @@ def publish_folder(
     return folder
 
 
-_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings publish_folder left for `folder` when its process was killed: those made
     on this host by a process that no longer runs. Live writers' folders and other hosts' are kept. If a
@@ -182,7 +182,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         if match is None or _alive(int(match[1])):
             continue
         if match[2] and not folder.exists():
-            os.rename(sibling, folder)
+            try:
+                os.rename(sibling, folder)
+            except OSError:
+                continue  # never delete old contents we could not put back
         else:
             _remove(sibling)
         handled.append(sibling)
