@@ -118,9 +118,11 @@ def fold_into(
     (a LoRA on tied input embeddings), both are written and config.json gets tie_word_embeddings false: that is
     what the adapter does in peft before merging.
 
-    device_map None streams shard by shard, computing updates on `device`. Otherwise ("auto", "balanced",
-    "balanced_low_0", "sequential", "cpu" or a dict, with `max_memory` as in transformers) the model is loaded
-    with accelerate and each update added on the device that holds its weight; disk offload is refused.
+    device_map None streams shard by shard, computing updates on `device` ("cpu", "cuda", "cuda:1", "auto").
+    Otherwise ("auto", "balanced", "balanced_low_0", "sequential", "cpu" or a dict, with `max_memory` as in
+    transformers, e.g. {0: "20GiB", "cpu": "64GiB"}) the model is loaded with accelerate and each update is
+    computed and added on the GPU that holds its weight (on `device` for weights held or offloaded on the CPU);
+    disk offload is refused.
     extra_files: {name: content} written into the output too (a model card, a merge record).
     """
     output = Path(output)
@@ -129,23 +131,25 @@ def fold_into(
     folder = resolve_base(base)
     if output.resolve() == folder.resolve():
         raise NanPeftError(f"{output} is the base model's folder: fold into a new folder")
+    from .merge import resolve_device  # here: merge may import this module for MergeResult.fold_into
+
+    compute = resolve_device(device)
     plan = plan_fold(result, folder)
     rule, options = merge_rule(result)
     if device_map is None:
-        from .merge import resolve_device
 
-        compute = resolve_device(device)
-        write = lambda tmp: _write_streaming(plan, result, rule, options, compute, tmp)  # noqa: E731
+        def write_weights(tmp: Path) -> None:
+            _write_streaming(plan, result, rule, options, compute, tmp)
+
     else:
-        from .merge import resolve_device
-
-        compute = resolve_device(device)
         model = _load_placed(plan, device_map, max_memory)
         _fold_placed(model, plan, result, rule, options, compute)
-        write = lambda tmp: _save_placed(model, plan, tmp)  # noqa: E731
+
+        def write_weights(tmp: Path) -> None:
+            _save_placed(model, plan, tmp)
 
     def write_all(tmp: Path) -> None:
-        write(tmp)
+        write_weights(tmp)
         _copy_other_files(plan, tmp)
         for name, content in (extra_files or {}).items():
             target = tmp / name
@@ -218,7 +222,9 @@ def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
     tensors, file_metadata = {}, {}
     for file in files:
         path = folder / file
-        if Path(file).name != file or not path.is_file():
+        if Path(file).name != file:
+            raise NanPeftError(f"{folder}: {INDEX_NAME} lists shard {file!r}, which is not a file name in the folder")
+        if not path.is_file():
             raise NanPeftError(f"{folder}: shard {file} listed in {INDEX_NAME} is missing")
         metadata, entries = read_header(path)
         file_metadata[file] = metadata
@@ -244,16 +250,18 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, StoredTensor]]:
             raise NanPeftError(f"{label}: not a safetensors file (bad header length)")
         try:
             header = json.loads(handle.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise NanPeftError(f"{label}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise NanPeftError(f"{label}: not a safetensors file (header is not an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NanPeftError(f"{label}: not a safetensors file (__metadata__ is not a map of strings)")
     start, entries, spans = 8 + length, {}, []
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            valid = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
+            valid = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end)) and begin <= end
         except (KeyError, TypeError, ValueError):
             valid = False
         numel = 1
@@ -407,10 +415,16 @@ def _untie(config: dict, untied: list[tuple[str, ...]], targets: dict[str, str])
 
 
 def folded_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """(W.float() + delta.float()).to(W.dtype), on delta's device; delta is in W's layout (LoraModule.weight_delta)."""
-    folded = delta.to(torch.float32, copy=True)
-    folded += weight.to(delta.device)
+    """(W.float() + delta.float()).to(W.dtype) on delta's device, delta in W's layout (LoraModule.weight_delta).
+    A float32 delta is added to in place (its memory is reused); pass a copy to keep it."""
+    folded = delta if delta.dtype == torch.float32 else delta.float()
+    folded += weight.to(folded.device)
     return folded.to(weight.dtype)
+
+
+def _float_delta(plan: FoldPlan, result: MergeResult, path: str, rule: str, options: Mapping, device) -> torch.Tensor:
+    """The module's update in its weight's layout, in float32 (the float64 update is freed on return)."""
+    return plan.modules[path].weight_delta(module_update(result, path, rule, options, device)).float()
 
 
 def module_update(result: MergeResult, path: str, rule: str, options: Mapping, device: torch.device | str) -> torch.Tensor:
@@ -461,8 +475,7 @@ def _write_shard(plan, file, names, result, rule, options, device, target: Path)
             if name not in plan.targets:
                 _copy_range(source.fileno(), out.fileno(), entry.begin, entry.end - entry.begin, checkpoint.folder / file)
                 continue
-            path = plan.targets[name]
-            delta = plan.modules[path].weight_delta(module_update(result, path, rule, options, device)).float()  # float64 freed
+            delta = _float_delta(plan, result, plan.targets[name], rule, options, device)
             folded = folded_weight(_read_tensor(source.fileno(), entry, checkpoint.folder / file), delta).cpu().contiguous()
             del delta
             _write_all(out.fileno(), folded.reshape(-1).view(torch.uint8).numpy().data)
@@ -540,8 +553,6 @@ _DISK_REFUSAL = (
 
 def _fold_placed(model, plan: FoldPlan, result: MergeResult, rule: str, options: Mapping, device) -> None:
     """Add each update to its parameter, on the device holding it (CPU-offloaded ones: in accelerate's CPU copy)."""
-    from transformers.integrations.accelerate import load_offloaded_parameter
-
     parameters, sources = dict(model.named_parameters(remove_duplicate=False)), plan.sources
     for name in plan.targets:
         if name not in parameters:
@@ -561,20 +572,33 @@ def _fold_placed(model, plan: FoldPlan, result: MergeResult, rule: str, options:
         for name, path in plan.targets.items():
             parameter = parameters[name]
             offloaded = parameter.device.type == "meta"
-            weight = load_offloaded_parameter(model, name) if offloaded else parameter.data
+            weight = offloaded_tensor(model, name) if offloaded else parameter.data
             expected = plan.checkpoint.tensors[sources[name]].shape
             if tuple(weight.shape) != expected:
                 raise NanPeftError(f"the loaded model's {name} is {_shape(weight.shape)}, its checkpoint tensor {_shape(expected)}: fold without device_map")
             where = weight.device if weight.device.type != "cpu" else device
-            delta = plan.modules[path].weight_delta(module_update(result, path, rule, options, where)).float()
-            weight.copy_(folded_weight(weight, delta))
-            if offloaded and not torch.equal(load_offloaded_parameter(model, name), weight):
+            weight.copy_(folded_weight(weight, _float_delta(plan, result, path, rule, options, where)))
+            if offloaded and not torch.equal(offloaded_tensor(model, name), weight):
                 raise NanPeftError(f"{name} is offloaded where an update does not persist: fold without device_map")
+
+
+def offloaded_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor accelerate keeps for an offloaded (meta) parameter: its hook's weights_map entry, which is what
+    save_pretrained writes. For CPU offload it is the stored tensor itself, so updating it in place persists."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:cut])), "_hf_hook", None)
+        for candidate in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+            weights = getattr(candidate, "weights_map", None)
+            key = ".".join(parts[cut:])
+            if weights is not None and key in weights:
+                return weights[key]
+    raise NanPeftError(f"{name} is offloaded, but no accelerate hook holds its weights: fold without device_map")
 
 
 def _save_placed(model, plan: FoldPlan, tmp: Path) -> None:
     largest = max(sum(e.end - e.begin for e in plan.checkpoint.tensors.values() if e.file == file) for file in plan.checkpoint.files)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max(largest, 1 << 20))
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=largest)
     (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Model, LlamaConfig, LlamaForCausalLM
 
 import nan_peft.fold as fold
 from models import GPT2, LLAMA, input_ids, tiny_gpt2, tiny_llama
@@ -148,6 +148,7 @@ def test_fold_equals_base_plus_update_and_peft(case, bases, tmp_path, request):
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), tmp_path / "merged").eval()
     ours, reference = logits(model), logits(adapted)
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(placed).eval()), ours, rtol=0, atol=0)
     assert (reference - logits(builder())).abs().max() > 1e-2  # the update really changes the output
 
     merged = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), tmp_path / "merged").merge_and_unload())
@@ -219,6 +220,26 @@ def test_checkpoint_of_a_bare_base_class(gpt2_adapters, tmp_path):
     assert isinstance(GPT2Model.from_pretrained(out), GPT2Model)
 
 
+def test_adapter_saved_with_ensure_weight_tying(bases, tmp_path):
+    """peft's ensure_weight_tying applies the embedding LoRA to the tied lm_head too, saved as its own Linear LoRA:
+    the fold writes the two weights apart, each with its update, and matches peft's forward of that adapter."""
+    base_folder = bases["llama_tied"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), config)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    result = merge_adapters([tmp_path / "adapter"])
+    assert {"lm_head", "model.embed_tokens"} <= set(result.adapter.modules)
+    out = fold_into(result, base_folder, tmp_path / "folded")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval()), logits(reference), rtol=1e-4, atol=1e-5)
+
+
 def test_resolve_tensor():
     names = {"h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight", "h.0.mlp.c_proj.weight", "x.layers.0.q.weight"}
     assert resolve_tensor("h.0.attn.c_proj", names) == "h.0.attn.c_proj.weight"
@@ -237,6 +258,7 @@ def test_parse_max_memory():
             parse_max_memory(bad)
 
 
+@pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
 def test_cpu_offloaded_weights_are_folded_in_place(bases, llama_adapters, gpt2_adapters, tmp_path, monkeypatch):
     """Weights accelerate keeps on the CPU while the model runs on GPUs are meta tensors in the model; the update
     goes into accelerate's CPU copy, which save_pretrained writes. Simulated here with accelerate.cpu_offload."""
