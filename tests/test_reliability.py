@@ -582,7 +582,11 @@ def test_readers_see_one_complete_version_during_overwrites(llama_adapters, tmp_
     written.append(read_adapter(tmp_path / "v1"))
     loads = [0, 0]
     while not done.is_set():
-        adapter = read_adapter(out)  # a swap between reading the config and the weights makes it read again
+        try:
+            adapter = read_adapter(out)  # a swap between reading the config and the weights makes it read again
+        except NanPeftError as error:  # three swaps in a row during one read: refused, still never a mix
+            assert "kept changing while it was being read" in str(error)
+            continue
         match = [k for k, w in enumerate(written) if adapter.modules.keys() == w.modules.keys()]
         assert len(match) == 1
         assert_same_adapter(adapter, written[match[0]])
