@@ -87,6 +87,9 @@ def combine(
         raise NanPeftError(f"rank must be a positive integer, got {rank!r}")
     if method == "svd" and rank is None:
         raise NanPeftError("svd needs a target rank (rank= / --rank)")
+    largest = max((min(m.B.shape[0], m.A.shape[1]) for a in adapters for m in a.modules.values()), default=0)
+    if rank is not None and rank > largest:
+        raise NanPeftError(f"rank {rank} exceeds the largest rank any merged module can have ({largest})")
     params, seed = rule_options(rule, options or {})
     if rule not in LOW_RANK:
         if method != "svd":
@@ -109,7 +112,7 @@ def _cat(terms, norms, rank, dtype):
     merged, report = {}, []
     for path, path_terms in terms.items():
         B, A = pad_rank(*stacked_factors(path_terms), rank)
-        merged[path] = _like(path_terms[0][1], A.to(dtype), B.to(dtype))
+        merged[path] = _like(path_terms[0][1], A.to(dtype), B.to(dtype), path)
         report.append(ModuleReport(path, input_ranks[path], input_ranks[path], norms[path], 0.0))
     return merged, report
 
@@ -122,7 +125,7 @@ def _svd(terms, rank, device, dtype, max_batch_bytes):
         norms, discarded = S.square().sum(-1).sqrt().tolist(), tail_energy(S, rank).tolist()
         kept = (S[:, :rank] > 0).sum(-1).tolist()
         for g, path in enumerate(batch.paths):
-            merged[path] = _like(terms[path][0][1], A[g], B[g])
+            merged[path] = _like(terms[path][0][1], A[g], B[g], path)
             report[path] = ModuleReport(path, sum(batch.ranks), kept[g], norms[g], discarded[g])
     paths = sorted(merged)
     return {p: merged[p] for p in paths}, [report[p] for p in paths]
@@ -161,11 +164,14 @@ def _dense(adapters, coefficients, rule, options, rank, device, dtype):
     for path, modules, update in dense_updates(adapters, coefficients, rule, options, device):
         B, A, S = truncate_dense(update, rank)
         S = S.cpu()
-        merged[path] = _like(modules[0], A.to("cpu", dtype), B.to("cpu", dtype))
+        merged[path] = _like(modules[0], A.to("cpu", dtype), B.to("cpu", dtype), path)
         kept = int((S[:rank] > 0).sum())
         report.append(ModuleReport(path, sum(mod.rank for mod in modules), kept, float(S.square().sum().sqrt()), float(tail_energy(S, rank))))
     return merged, report
 
 
-def _like(template: LoraModule, A: torch.Tensor, B: torch.Tensor) -> LoraModule:
+def _like(template: LoraModule, A: torch.Tensor, B: torch.Tensor, path: str) -> LoraModule:
+    """The merged factors as a module laid out like `template`; refuses factors the output dtype cannot hold."""
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise NanPeftError(f"the merged factors of {path} overflow {str(B.dtype).removeprefix('torch.')}; merge with dtype=float32 (--dtype float32)")
     return LoraModule(A.contiguous(), B.contiguous(), 1.0, template.kind, template.a_tail, template.b_tail, template.fan_in_fan_out)

@@ -56,7 +56,8 @@ class LoraModule:
 
     def peft_factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reshape matrix factors of any rank to this module's peft layout."""
-        return A.reshape(A.shape[0], *self.a_tail), B.reshape(B.shape[0], B.shape[1], *self.b_tail)
+        A = A.reshape(A.shape[0], *self.a_tail) if self.a_tail else A
+        return A, B.reshape(B.shape[0], B.shape[1], *self.b_tail)
 
 
 @dataclass

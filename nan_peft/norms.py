@@ -9,6 +9,7 @@ import torch
 
 from .batching import DEFAULT_BATCH_BYTES, batches
 from .gram import gram_inner_products
+from .errors import NanPeftError
 from .lora import LoraAdapter
 
 
@@ -75,5 +76,9 @@ def update_gram(
         rows = torch.tensor([index[p] for p in batch.paths])
         members = torch.tensor(batch.members)
         inner[rows[:, None, None], members[None, :, None], members[None, None, :]] = products
+    if not torch.isfinite(inner).all():
+        bad = ~torch.isfinite(inner.diagonal(dim1=-2, dim2=-1))
+        m, k = bad.nonzero()[0].tolist() if bad.any() else (~torch.isfinite(inner)).nonzero()[0, :2].tolist()
+        raise NanPeftError(f"the update of {adapters[k].name} at {modules[m]} has a non-finite norm (NaN, Inf or too large)")
     present = torch.tensor([[path in a.modules for a in adapters] for path in modules], dtype=torch.bool).reshape(len(modules), K)
     return UpdateGram(tuple(a.name for a in adapters), modules, inner, present)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import LLAMA, make_adapter
-from nan_peft import NanPeftError, merge_adapters, read_adapter, read_adapters, write_adapter
+from nan_peft import LoraAdapter, LoraModule, NanPeftError, merge_adapters, read_adapter, read_adapters, update_gram, write_adapter
 from nan_peft.reader import CHECKSUM_KEY
 from nan_peft.writer import _HOST, publish_folder, remove_stale_temporaries
 from oracle import load_sources, peft_deltas
@@ -226,18 +226,20 @@ def test_fp16_bf16_fp32_inputs_merge_exactly(tmp_path):
 
 
 def test_float16_overflow_is_never_written(tmp_path):
-    """c * s * B beyond 65504 becomes Inf in float16: the writer refuses it instead of publishing Inf."""
+    """c * s * B beyond 65504 becomes Inf in float16: the merge refuses it, and so does the writer."""
     paths = [make_adapter(tmp_path / n, seed=s, magnitude=1.0, dtype=torch.float16, lora_alpha=2_000_000) for n, s in (("a", 1), ("b", 2))]
-    result = merge_adapters(paths, combine="cat")
-    with pytest.raises(NanPeftError, match=r"cannot write base_model\.model\..*\.lora_B\.weight: it holds NaN or Inf \(float16 overflow\? merge with dtype=float32\)"):
-        result.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    with pytest.raises(NanPeftError, match=r"the merged factors of model\..* overflow float16; merge with dtype=float32"):
+        merge_adapters(paths, combine="cat")
     safe = merge_adapters(paths, combine="cat", dtype=torch.float32)
     assert all(torch.isfinite(m.B).all() for m in safe.adapter.modules.values())
+    module = next(iter(safe.adapter.modules.values()))
+    broken = LoraAdapter("broken", "", safe.adapter.config, {"model.x": LoraModule(module.A.half(), module.B.half(), 1.0)})
+    with pytest.raises(NanPeftError, match=r"cannot write base_model\.model\.model\.x\.lora_B\.weight: it holds NaN or Inf \(float16 overflow\? merge with dtype=float32\)"):
+        write_adapter(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     safe.save_pretrained(tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason="combine.py casts c*s*B to float16 unchecked; merge_adapters should refuse or stay finite")
 def test_merge_never_returns_non_finite_factors(tmp_path):
     paths = [make_adapter(tmp_path / n, seed=s, magnitude=1.0, dtype=torch.float16, lora_alpha=2_000_000) for n, s in (("a", 1), ("b", 2))]
     try:
@@ -662,3 +664,17 @@ def test_byte_identical_across_processes_hash_seeds_and_threads(llama_adapters, 
     for name, options in RUNS.items():
         merge_adapters(llama_adapters, **options).save_pretrained(tmp_path / "here" / name)
         assert tree_digest(tmp_path / "here" / name) == tree_digest(tmp_path / "there" / name), name
+
+
+def test_gram_refuses_non_finite_updates():
+    """In-memory adapters skip the reader's checks: update_gram names the culprit instead of NaN norms."""
+    good = LoraModule(torch.ones(2, 3), torch.ones(4, 2), 1.0)
+    huge = LoraModule(torch.full((2, 3), 1e200, dtype=torch.float64), torch.full((4, 2), 1e200, dtype=torch.float64), 1.0)
+    adapters = [LoraAdapter("good", "", {}, {"m": good}), LoraAdapter("huge", "", {}, {"m": huge})]
+    with pytest.raises(NanPeftError, match="the update of huge at m has a non-finite norm"):
+        update_gram(adapters)
+
+
+def test_rank_beyond_any_module_is_refused(llama_adapters):
+    with pytest.raises(NanPeftError, match=r"rank 10000 exceeds the largest rank any merged module can have \(32\)"):
+        merge_adapters(llama_adapters, combine="svd", rank=10_000)
