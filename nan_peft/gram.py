@@ -13,10 +13,9 @@ from collections.abc import Sequence
 import torch
 
 
-def rank_indicator(ranks: Sequence[int], dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """(R, K) matrix E with E[i, k] = 1 when row i of the stacked A belongs to update k."""
-    owner = torch.repeat_interleave(torch.arange(len(ranks), device=device), torch.tensor(list(ranks), device=device))
-    return torch.nn.functional.one_hot(owner, len(ranks)).to(dtype)
+def rank_owner(ranks: Sequence[int], device=None) -> torch.Tensor:
+    """(R,) index of the update each row of the stacked A belongs to: [0]*r_1 + [1]*r_2 + ..."""
+    return torch.repeat_interleave(torch.arange(len(ranks), device=device), torch.tensor(list(ranks), device=device))
 
 
 def gram_inner_products(A: torch.Tensor, B: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
@@ -24,11 +23,14 @@ def gram_inner_products(A: torch.Tensor, B: torch.Tensor, ranks: Sequence[int]) 
 
     <B_i A_i, B_j A_j>_F = trace(A_i^T B_i^T B_j A_j) = sum((B_i^T B_j) * (A_i A_j^T)), so all K^2 products come
     from the two R x R Gram matrices A A^T and B^T B at a cost of O(R^2 (m + n)). The diagonal holds the
-    squared norms ||B_k A_k||_F^2.
+    squared norms ||B_k A_k||_F^2. The blocks are summed by index, never multiplied by 0, so one Inf stays
+    in its own entries.
     """
     products = (A @ A.mT) * (B.mT @ B)
-    E = rank_indicator(ranks, products.dtype, products.device)
-    return E.mT @ products @ E
+    owner = rank_owner(ranks, products.device)
+    shape = products.shape[:-2]
+    rows = products.new_zeros((*shape, len(ranks), products.shape[-1])).index_add_(-2, owner, products)
+    return rows.new_zeros((*shape, len(ranks), len(ranks))).index_add_(-1, owner, rows)
 
 
 def low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
