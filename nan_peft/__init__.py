@@ -8,7 +8,6 @@
 from .coefficients import Coefficients, coefficients_for, manual_coefficients, nan_coefficients, uniform_coefficients
 from .combine import ModuleReport, combine
 from .errors import NanPeftError
-from .live import add_nan_weighted_adapter
 from .lora import LoraAdapter, LoraModule
 from .merge import MergeResult, merge_adapters
 from .norms import UpdateGram, update_gram
@@ -39,3 +38,12 @@ __all__ = [
     "update_gram",
     "write_adapter",
 ]
+
+
+def __getattr__(name: str):
+    # add_nan_weighted_adapter needs peft's model classes (and so transformers): import them on first use
+    if name == "add_nan_weighted_adapter":
+        from .live import add_nan_weighted_adapter
+
+        return add_nan_weighted_adapter
+    raise AttributeError(f"module 'nan_peft' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from .norms import UpdateGram
 from .rules import LOW_RANK, RULES, module_generator, rule_options
 
 COMBINES = ("cat", "svd")
+MAX_PADDED_RANK = 1024  # zero padding up to a serving engine's rank is fine below this, whatever the module sizes
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ def combine(
     if method == "svd" and rank is None:
         raise NanPeftError("svd needs a target rank (rank= / --rank)")
     largest = max((min(m.B.shape[0], m.A.shape[1]) for a in adapters for m in a.modules.values()), default=0)
-    if rank is not None and rank > largest:
-        raise NanPeftError(f"rank {rank} exceeds the largest rank any merged module can have ({largest})")
+    if rank is not None and rank > max(largest, MAX_PADDED_RANK):
+        raise NanPeftError(f"rank {rank} is out of range: no merged module can have a rank above {largest}, and padding stops at {MAX_PADDED_RANK}")
     params, seed = rule_options(rule, options or {})
     if rule not in LOW_RANK:
         if method != "svd":

@@ -12,8 +12,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from peft import TaskType
-from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from .errors import NanPeftError
@@ -229,6 +227,8 @@ def check_config(config: dict, label: str) -> None:
     for key in ("base_model_name_or_path", "revision", "task_type"):
         if not isinstance(config.get(key), (str, type(None))):
             raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a string")
+    from peft import TaskType  # peft imports transformers: only when a config names a task type
+
     if config.get("task_type") is not None and config["task_type"] not in list(TaskType):
         raise NanPeftError(f"{label}: {CONFIG_NAME} has task_type={_short(config['task_type'])}, which peft does not know")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -335,6 +335,10 @@ def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict
 def _pattern_value(config: dict, field: str, path: str, default):
     """Per-module override, matched exactly as peft does (peft.utils.other.get_pattern_key)."""
     pattern = config.get(field) or {}
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
     key = get_pattern_key(list(pattern), path)
     return pattern.get(key, default)
 

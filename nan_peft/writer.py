@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .errors import NanPeftError
@@ -61,6 +60,8 @@ def adapter_config(adapter: LoraAdapter, rank: int | None = None) -> dict:
     DoRA, no modules_to_save, and target_modules naming exactly the written modules."""
     rank = servable_rank(adapter, rank)
     source = adapter.config
+    from peft import LoraConfig  # imports transformers: only when writing
+
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,
