@@ -71,6 +71,14 @@ class LoraAdapter:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """Full tensors carried verbatim by key (peft saves a targeted embedding's base weight, in case its
     vocabulary was resized): not an update, written back unchanged."""
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The trained full modules of peft's modules_to_save (task heads such as a classifier, or a retrained
+    embedding), by state-dict key: they replace the base module and cannot be averaged."""
+
+    @property
+    def saved_modules(self) -> list[str]:
+        """Module paths of the `saved` tensors ("classifier" for base_model.model.classifier.weight)."""
+        return sorted({key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in self.saved})
 
     @property
     def base_model(self) -> str | None:

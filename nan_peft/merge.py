@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from .rules import rule_options
 from .writer import write_adapter
 
 AdapterLike = str | os.PathLike | LoraAdapter
+HEADS = ("drop", "per_task", "keep")
 
 
 @dataclass
@@ -42,12 +44,78 @@ class MergeResult:
         """||dW_k||_F of each source adapter's whole update."""
         return dict(zip(self.gram.adapter_names, self.gram.adapter_norms.tolist()))
 
+    @property
+    def shared_saved(self) -> dict[str, torch.Tensor]:
+        """Saved full modules (peft's modules_to_save) that every source carries, identical."""
+        first, *others = self.sources
+        return {
+            key: tensor
+            for key, tensor in first.saved.items()
+            if all(key in o.saved and o.saved[key].shape == tensor.shape and torch.equal(o.saved[key], tensor) for o in others)
+        }
+
+    @property
+    def heads(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each source's own saved full modules (task heads): those not shared identically by all sources.
+        They cannot be averaged; save_pretrained(heads="per_task") writes each with its own copy of the merge."""
+        shared = self.shared_saved
+        heads = {a.name: {k: t for k, t in a.saved.items() if k not in shared} for a in self.sources}
+        return {name: tensors for name, tensors in heads.items() if tensors}
+
+    def task_adapters(self) -> dict[str, LoraAdapter]:
+        """One complete adapter per source that carries saved modules: the merged LoRA update plus the shared
+        saved modules plus the source's own (its head), with the source's task_type."""
+        shared = self.shared_saved
+        return {
+            source.name: replace(
+                self.adapter,
+                name=source.name,
+                config={**self.adapter.config, "task_type": source.config.get("task_type")},
+                saved={**shared, **self.heads.get(source.name, {})},
+            )
+            for source in self.sources
+            if source.saved
+        }
+
+    def notices(self, heads: str = "drop") -> list[str]:
+        """What saving with `heads` leaves out, in words (empty when nothing is)."""
+        carried = sorted({m for a in self.sources for m in a.saved_modules})
+        if not carried or heads == "per_task" or (heads == "keep" and not self.heads):
+            return []
+        return [
+            f"the sources carry full modules ({', '.join(carried)}: modules_to_save) that are left out of the merged "
+            "adapter; save with heads='per_task' (--heads per-task) to write one complete adapter per task beside it"
+        ]
+
     def save_pretrained(
-        self, path: str | os.PathLike, overwrite: bool = False, extra_files: Mapping[str, str | bytes] | None = None
+        self,
+        path: str | os.PathLike,
+        overwrite: bool = False,
+        extra_files: Mapping[str, str | bytes] | None = None,
+        heads: str = "drop",
     ) -> Path:
-        """Write the merged adapter (peft format, servable form) to `path`, atomically; never over an input."""
+        """Write the merged adapter (peft format, servable form) to `path`, atomically; never over an input.
+
+        heads, for sources that carry full modules (peft's modules_to_save, e.g. classification heads):
+        "drop" writes the merged LoRA alone, what serving engines load (a warning names what is left out);
+        "per_task" also writes path/<source name>/ for each such source: the merged LoRA with the shared
+        saved modules and that source's own head, loadable with PeftModel.from_pretrained(model, path,
+        subfolder=name) into a model with that task's label count (each holds a copy of the merged factors);
+        "keep" writes the saved modules into the merged adapter itself, when all sources share them identically.
+        """
+        if heads not in HEADS:
+            raise NanPeftError(f"unknown heads {heads!r}; choose from {', '.join(HEADS)}")
+        adapter, subfolders = self.adapter, {}
+        if heads == "keep":
+            if self.heads:
+                raise NanPeftError(f"{', '.join(self.heads)} carry their own full modules (heads); save them with heads='per_task'")
+            adapter = replace(adapter, saved=self.shared_saved)
+        elif heads == "per_task":
+            subfolders = self.task_adapters()
+        for notice in self.notices(heads):
+            warnings.warn(notice, stacklevel=2)
         protected = [source.source for source in self.sources if source.source]
-        return write_adapter(self.adapter, path, overwrite=overwrite, extra_files=extra_files, protected=protected)
+        return write_adapter(adapter, path, overwrite=overwrite, extra_files=extra_files, protected=protected, subfolders=subfolders)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -30,6 +30,7 @@ _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
 _CARRIED_SUFFIX = ".base_layer.weight"  # a targeted embedding's full weight, saved by peft's save_embedding_layers
+_MODULE_NAME = re.compile(r"[\w.\-]+")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -38,14 +39,15 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
 
     Handles rank_pattern / alpha_pattern, rsLoRA (s = alpha / sqrt(r)), Conv1D (fan_in_fan_out), embedding
     and Conv LoRA. Raises NanPeftError, naming the adapter, for every variant whose update is not
-    s * B @ A or that cannot be merged faithfully (DoRA, lora_bias, trained biases, modules_to_save, ...).
+    s * B @ A or that cannot be merged faithfully (DoRA, lora_bias, trained biases, ...). Full modules of
+    modules_to_save (task heads) are read into `saved`.
     """
     folder = _resolve(path)
     label = str(path)
     for _ in range(_READ_ATTEMPTS):
         before = _file_states(folder)
         try:
-            config, modules, extras = _read_folder(folder, label)
+            config, modules, extras, saved = _read_folder(folder, label)
         except NanPeftError:
             if _file_states(folder) == before:
                 raise
@@ -54,7 +56,9 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
             break
     else:
         raise NanPeftError(f"{label}: the adapter kept changing while it was being read; try again once it is written")
-    return LoraAdapter(name=name or _display_name(path), source=str(folder), config=config, modules=modules, extras=extras)
+    return LoraAdapter(
+        name=name or _display_name(path), source=str(folder), config=config, modules=modules, extras=extras, saved=saved
+    )
 
 
 def read_adapters(
@@ -140,18 +144,29 @@ _READ_ATTEMPTS = 3
 _MAX_UPDATE_NORM = 1e150  # squared and summed over many modules and adapters, it still fits a float64
 
 
-def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor]]:
+def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     config = _read_config(folder, label)
     check_config(config, label)
     tensors = _read_tensors(folder, label, config)
     extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
+    saved = {key: tensors.pop(key) for key in list(tensors) if _is_saved_module(key, config.get("modules_to_save"))}
     modules = _modules_from_tensors(tensors, config, label)
     if not modules:
         raise NanPeftError(f"{label}: the adapter holds no LoRA weights")
     for key in extras:
         if not key.startswith(KEY_PREFIX) or key.removeprefix(KEY_PREFIX).removesuffix(_CARRIED_SUFFIX) not in modules:
             raise NanPeftError(f"{label}: unexpected tensor {key!r} (the full weight of a module the adapter does not adapt)")
-    return config, modules, extras
+    return config, modules, extras, saved
+
+
+def _is_saved_module(key: str, modules_to_save) -> bool:
+    """Is `key` a parameter of a module named in modules_to_save (matched by peft's rule: the module path
+    equals a name or ends with "." + name)?"""
+    if not modules_to_save or not key.startswith(KEY_PREFIX):
+        return False
+    module = key.removeprefix(KEY_PREFIX).rpartition(".")[0]
+    names = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
+    return any(module == name or module.endswith(f".{name}") for name in names)
 
 
 def _file_states(folder: Path) -> tuple:
@@ -199,7 +214,6 @@ def check_config(config: dict, label: str) -> None:
         (config.get("use_dora"), "DoRA adapters (use_dora) rescale the whole weight; their update is not s*B@A"),
         (config.get("lora_bias"), "lora_bias adapters carry a trained bias the merge would drop"),
         (config.get("bias", "none") != "none", f"bias={_short(config.get('bias'))} adapters carry trained biases the merge would drop"),
-        (config.get("modules_to_save"), f"adapters with modules_to_save ({_listed(config.get('modules_to_save'))}) carry full modules that cannot be averaged"),
         (config.get("trainable_token_indices"), "adapters with trainable_token_indices carry token embeddings that cannot be averaged"),
         (config.get("target_parameters"), "adapters with target_parameters (LoRA on raw parameters) are not supported"),
         (config.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) applies only after its invocation tokens"),
@@ -227,6 +241,10 @@ def check_config(config: dict, label: str) -> None:
     for key in ("base_model_name_or_path", "revision", "task_type"):
         if not isinstance(config.get(key), (str, type(None))):
             raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a string")
+    saved = config.get("modules_to_save")
+    if saved and not (isinstance(saved, list) and all(isinstance(n, str) and _MODULE_NAME.fullmatch(n) for n in saved)):
+        if not (isinstance(saved, str) and _MODULE_NAME.fullmatch(saved)):
+            raise NanPeftError(f"{label}: {CONFIG_NAME} has modules_to_save ({_listed(saved)}); expected a list of module names")
     from peft import TaskType  # peft imports transformers: only when a config names a task type
 
     if config.get("task_type") is not None and config["task_type"] not in list(TaskType):

@@ -45,7 +45,7 @@ def adapter_state_dict(adapter: LoraAdapter, rank: int | None = None) -> dict[st
         a_key, b_key = FACTOR_KEYS[module.kind]
         state[f"{KEY_PREFIX}{path}.{a_key}"] = A.contiguous()
         state[f"{KEY_PREFIX}{path}.{b_key}"] = B.contiguous()
-    state.update({key: tensor.contiguous() for key, tensor in sorted(adapter.extras.items())})
+    state.update({key: tensor.contiguous() for key, tensor in sorted({**adapter.extras, **adapter.saved}.items())})
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise NanPeftError(
@@ -55,9 +55,15 @@ def adapter_state_dict(adapter: LoraAdapter, rank: int | None = None) -> dict[st
     return state
 
 
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
 def adapter_config(adapter: LoraAdapter, rank: int | None = None) -> dict:
     """adapter_config.json for the servable form: r = lora_alpha (scale 1), no rsLoRA, no patterns, no
-    DoRA, no modules_to_save, and target_modules naming exactly the written modules."""
+    DoRA, target_modules naming exactly the written modules, and modules_to_save naming the adapter's saved
+    full modules (none for an adapter that serving engines must load). A head-less adapter of a task type
+    whose peft model class adds the task head to modules_to_save (sequence / token classification, question
+    answering) is written without task_type: peft would otherwise look for a head it does not hold."""
     rank = servable_rank(adapter, rank)
     source = adapter.config
     from peft import LoraConfig  # imports transformers: only when writing
@@ -71,9 +77,10 @@ def adapter_config(adapter: LoraAdapter, rank: int | None = None) -> dict:
         use_rslora=False,
         use_dora=False,
         lora_dropout=0.0,
-        task_type=source.get("task_type"),
+        task_type=None if source.get("task_type") in _HEAD_TASKS and not adapter.saved else source.get("task_type"),
         base_model_name_or_path=source.get("base_model_name_or_path"),
         revision=source.get("revision"),
+        modules_to_save=adapter.saved_modules or None,
         inference_mode=True,
     ).to_dict()
     return {key: sorted(value) if isinstance(value, (set, frozenset)) else value for key, value in config.items()}
@@ -86,25 +93,37 @@ def write_adapter(
     overwrite: bool = False,
     extra_files: Mapping[str, str | bytes] | None = None,
     protected: Sequence[str | os.PathLike] = (),
+    subfolders: Mapping[str, LoraAdapter] | None = None,
 ) -> Path:
     """Write `adapter` to `folder` in its servable form (see adapter_config), atomically (publish_folder).
 
     The safetensors metadata carries a checksum of the tensors and of the config's scale fields
     (reader.content_digest) that read_adapter verifies. extra_files are written next to the adapter; their
     names must be plain file names. `protected` folders (the inputs) are never replaced or written into.
+    subfolders {name: adapter} are written as complete adapters in folder/name, in the same publish: peft's
+    own layout for several adapters (PeftModel.from_pretrained(model, folder, subfolder=name)).
     """
+    subfolders = dict(subfolders or {})
     check_file_names(extra_files or {}, reserved=(CONFIG_NAME, SAFETENSORS_NAME))
-    state = adapter_state_dict(adapter, rank)
-    config = adapter_config(adapter, rank)
-    metadata = {"format": "pt", CHECKSUM_KEY: content_digest(state, config)}
+    check_file_names(subfolders, reserved=(CONFIG_NAME, SAFETENSORS_NAME, *(extra_files or {})))
+    contents = [(Path(), adapter)] + [(Path(name), sub) for name, sub in sorted(subfolders.items())]
+    prepared = [(where, *_prepared(sub, rank)) for where, sub in contents]
 
     def write(tmp: Path) -> None:
-        save_file(state, tmp / SAFETENSORS_NAME, metadata=metadata)
-        _sort_metadata(tmp / SAFETENSORS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for where, state, config, metadata in prepared:
+            (tmp / where).mkdir(exist_ok=True)
+            save_file(state, tmp / where / SAFETENSORS_NAME, metadata=metadata)
+            _sort_metadata(tmp / where / SAFETENSORS_NAME)
+            (tmp / where / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         write_files(tmp, extra_files or {})
 
     return publish_folder(folder, write, overwrite, protected)
+
+
+def _prepared(adapter: LoraAdapter, rank: int | None) -> tuple[dict, dict, dict]:
+    state = adapter_state_dict(adapter, rank)
+    config = adapter_config(adapter, rank)
+    return state, config, {"format": "pt", CHECKSUM_KEY: content_digest(state, config)}
 
 
 def _sort_metadata(file: Path) -> None:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import struct
 
@@ -188,7 +189,13 @@ def edit_config(config: dict, rng: random.Random) -> tuple[dict, str]:
     return config, f"{field}[{key!r}] = {pattern[key]!r}"
 
 
-NOT_PLAIN = ("use_dora", "lora_bias", "modules_to_save", "layer_replication")  # the variants edit_config can add
+NOT_PLAIN = ("use_dora", "lora_bias", "layer_replication")  # the variants edit_config can add
+
+
+def valid_modules_to_save(value) -> bool:
+    """modules_to_save naming modules (none of which this adapter saves) changes nothing; anything else is refused."""
+    names = [value] if isinstance(value, str) else value
+    return not value or (isinstance(names, list) and all(isinstance(n, str) and re.fullmatch(r"[\w.\-]+", n) for n in names))
 
 
 def expected_scales(config: dict, original) -> dict[str, float] | None:
@@ -196,6 +203,8 @@ def expected_scales(config: dict, original) -> dict[str, float] | None:
     factors (then the only right answer is a refusal). Scales follow peft: get_pattern_key over rank_pattern
     and alpha_pattern (LoraModel), then alpha / r, or alpha / sqrt(r) with use_rslora (LoraLayer.update_layer)."""
     if config.get("peft_type") != "LORA" or config.get("bias", "none") != "none" or any(config.get(k) for k in NOT_PLAIN):
+        return None
+    if not valid_modules_to_save(config.get("modules_to_save")):
         return None
     scales = {}
     try:

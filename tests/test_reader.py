@@ -128,7 +128,6 @@ def first_b(state, value):
         ({"use_dora": True}, "DoRA"),
         ({"lora_bias": True}, "lora_bias"),
         ({"bias": "all"}, "trained biases"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"peft_type": "IA3"}, "only LoRA adapters"),
         ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
         ({"init_lora_weights": "olora"}, "modified base model"),
