@@ -27,7 +27,10 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "norm": float,                 # ||sum_k c_k dW_k||_F at this module (exact merge)
                   "discarded": float,            # ||dW - dW_r||_F dropped by svd truncation (0 for cat)
                   "relative_discarded": float,
-                  "coefficients": {adapter name: float}}]}
+                  "coefficients": {adapter name: float}}],
+     "heads": {"mode": "drop" | "per-task" | "keep",  # what became of full modules the adapters carry
+               "shared": [str],                  # state-dict keys identical in every adapter
+               "tasks": {adapter name: [str]}}}  # each adapter's own (per-task: written to OUTPUT/<name>/)
 
 ``nan-peft norms --json``::
 
@@ -55,6 +58,7 @@ import contextlib
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -64,7 +68,8 @@ from .errors import NanPeftError
 from .rules import RULES
 
 MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
-RECIPE_KEYS = ("adapters", "output", "force", *MERGE_OPTIONS)
+RECIPE_KEYS = ("adapters", "output", "force", "heads", *MERGE_OPTIONS)
+HEADS = ("drop", "per-task", "keep")
 DTYPES = ("float32", "float16", "bfloat16")
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
 UNRECORDED_FLAGS = ("--force", "--quiet", "-q", "--debug", "--json")
@@ -232,6 +237,9 @@ def cli() -> None:
       help="Merge adapters whose configs name different base models.")
 @_opt("--allow-duplicates", is_flag=True, default=None, section="Input and output",
       help="Merge the same adapter more than once (it then weighs more).")
+@_opt("--heads", type=click.Choice(HEADS), section="Input and output",
+      help="Full modules the adapters carry (modules_to_save, e.g. task heads): drop them [default], write "
+      "OUTPUT/<task>/ with each task's own head beside the merge (per-task), or keep them when all adapters share them.")
 @_opt("--coefficients", type=click.Choice(["nan", "uniform", "manual"]), section="Coefficients",
       help="nan: c_k ~ ||dW_k||^-p [default]; uniform: c_k = total/K; manual: --weights.")
 @_opt("--weights", metavar="W1,W2,...", section="Coefficients", help="Manual coefficients, one per adapter (implies --coefficients manual).")
@@ -265,9 +273,11 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     """
     from .merge import merge_adapters
     from .record import input_entry, merge_record, provenance_files
-    from .writer import write_adapter
 
     recipe_data = _load_recipe(recipe) if recipe else {}
+    heads = given.pop("heads", None) or recipe_data.get("heads") or "drop"
+    if heads not in HEADS:
+        raise NanPeftError(f"{recipe}: heads must be one of {', '.join(HEADS)}, not {heads!r}")
     options = {key: recipe_data[key] for key in MERGE_OPTIONS if recipe_data.get(key) is not None}
     options.update({key: value for key, value in given.items() if value is not None})
     paths = list(adapters) or recipe_data.get("adapters") or []
@@ -291,10 +301,13 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         result = merge_adapters(sources, device=device, **options)
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
-    record = merge_record(result, inputs, command, {"device": str(device)}, recipe=recipe_data or None)
+    record = merge_record(result, inputs, command, {"device": str(device), "heads": heads}, recipe=recipe_data or None)
     files = provenance_files(result, record, output)
-    with _stage(f"writing {output}", quiet):  # never over an input (MergeResult.save_pretrained does not guard this)
-        written = write_adapter(result.adapter, output, overwrite=force, extra_files=files, protected=[s.source for s in sources])
+    for notice in result.notices(heads.replace("-", "_")):
+        _note(f"note: {notice}", quiet)
+    with _stage(f"writing {output}", quiet), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes above said it
+        written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"))
 
     document = _merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     if as_json:
@@ -345,6 +358,11 @@ def _merge_document(result, record: dict, output: str, files: list[str]) -> dict
             for entry in record["inputs"]
         ],
         "modules": modules,
+        "heads": {
+            "mode": record["options"]["heads"],
+            "shared": sorted(result.shared_saved),
+            "tasks": {name: sorted(tensors) for name, tensors in sorted(result.heads.items())},
+        },
     }
 
 

@@ -84,7 +84,7 @@ class MergeResult:
             return []
         return [
             f"the sources carry full modules ({', '.join(carried)}: modules_to_save) that are left out of the merged "
-            "adapter; save with heads='per_task' (--heads per-task) to write one complete adapter per task beside it"
+            "adapter; heads='per_task' (--heads per-task) writes one complete adapter per task beside it"
         ]
 
     def save_pretrained(

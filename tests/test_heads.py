@@ -118,3 +118,27 @@ def test_identical_saved_modules_are_kept_once(tasks, tmp_path):
         result.save_pretrained(tmp_path / "kept", heads="keep")
     kept = read_adapter(tmp_path / "kept")
     assert all(torch.equal(kept.saved[k], head[k]) for k in head)
+
+
+def test_cli_and_recipe_write_what_python_writes(tasks, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from nan_peft.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    paths = [str(p) for p in tasks.values()]
+    merge_adapters(paths).save_pretrained(tmp_path / "py", heads="per_task")
+    result = CliRunner().invoke(cli, ["merge", *paths, "-o", "cli", "--heads", "per-task", "--json"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["heads"]["mode"] == "per-task"
+    assert document["heads"]["tasks"] == {t: ["base_model.model.classifier.bias", "base_model.model.classifier.weight"] for t in sorted(LABELS)}
+    (tmp_path / "recipe.yaml").write_text("adapters: [" + ", ".join(paths) + "]\noutput: recipe\nheads: per-task\n")
+    assert CliRunner().invoke(cli, ["merge", "--config", "recipe.yaml", "-q"]).exit_code == 0
+    for folder in ("cli", "recipe"):
+        for sub in ("", *LABELS):
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                assert (tmp_path / folder / sub / name).read_bytes() == (tmp_path / "py" / sub / name).read_bytes(), (folder, sub, name)
+    dropped = CliRunner().invoke(cli, ["merge", *paths, "-o", "dropped"])
+    assert "note: the sources carry full modules (classifier: modules_to_save)" in dropped.stderr
+    assert not any(p.is_dir() for p in (tmp_path / "dropped").iterdir())
