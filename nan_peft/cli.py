@@ -605,6 +605,7 @@ def _variants(adapter, kinds: dict) -> list[str]:
         ("embedding" in kinds, "embedding LoRA"),
         ("conv" in kinds, "convolution LoRA"),
         (adapter.extras, "carries full embedding weights"),
+        (adapter.saved, f"carries full modules (modules_to_save: {', '.join(adapter.saved_modules)})"),
         (isinstance(config.get("init_lora_weights"), str), f"init_lora_weights={config.get('init_lora_weights')!r}"),
     ]
     for present, name in checks:
