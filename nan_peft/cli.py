@@ -28,6 +28,7 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "discarded": float,            # ||dW - dW_r||_F dropped by svd truncation (0 for cat)
                   "relative_discarded": float,
                   "coefficients": {adapter name: float}}],
+     "serve": "vllm" | "lorax" | "tgi" | "peft" | null,  # the engine the output was fitted to (--serve)
      "heads": {"mode": "drop" | "per-task" | "keep",  # what became of full modules the adapters carry
                "shared": [str],                  # state-dict keys identical in every adapter
                "tasks": {adapter name: [str]}}}  # each adapter's own (per-task: written to OUTPUT/<name>/)
@@ -66,9 +67,10 @@ import click
 from . import __version__
 from .errors import NanPeftError
 from .rules import RULES
+from .serving import ENGINES
 
 MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
-RECIPE_KEYS = ("adapters", "output", "force", "heads", *MERGE_OPTIONS)
+RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", *MERGE_OPTIONS)
 HEADS = ("drop", "per-task", "keep")
 DTYPES = ("float32", "float16", "bfloat16")
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
@@ -237,6 +239,9 @@ def cli() -> None:
       help="Merge adapters whose configs name different base models.")
 @_opt("--allow-duplicates", is_flag=True, default=None, section="Input and output",
       help="Merge the same adapter more than once (it then weighs more).")
+@_opt("--serve", type=click.Choice(ENGINES), section="Input and output",
+      help="Fit the output to a serving engine (rank padded to one it takes, tensors it refuses left out), say what "
+      "changed, and refuse if it still could not serve it.")
 @_opt("--heads", type=click.Choice(HEADS), section="Input and output",
       help="Full modules the adapters carry (modules_to_save, e.g. task heads): drop them [default], write "
       "OUTPUT/<task>/ with each task's own head beside the merge (per-task), or keep them when all adapters share them.")
@@ -276,6 +281,9 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
 
     recipe_data = _load_recipe(recipe) if recipe else {}
     heads = given.pop("heads", None) or recipe_data.get("heads") or "drop"
+    serve = given.pop("serve", None) or recipe_data.get("serve")
+    if serve is not None and serve not in ENGINES:
+        raise NanPeftError(f"{recipe}: serve must be one of {', '.join(ENGINES)}, not {serve!r}")
     if heads not in HEADS:
         raise NanPeftError(f"{recipe}: heads must be one of {', '.join(HEADS)}, not {heads!r}")
     options = {key: recipe_data[key] for key in MERGE_OPTIONS if recipe_data.get(key) is not None}
@@ -301,13 +309,20 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         result = merge_adapters(sources, device=device, **options)
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
-    record = merge_record(result, inputs, command, {"device": str(device), "heads": heads}, recipe=recipe_data or None)
+    record = merge_record(result, inputs, command, {"device": str(device), "heads": heads, "serve": serve}, recipe=recipe_data or None)
+    if serve is not None:
+        from .serving import plan_for
+
+        plan = plan_for(result.adapter, serve)
+        plan.raise_for_errors()
+        for message in plan.changes + [f"{f.level}: {f.message}" for f in plan.findings if f.level != "info"]:
+            _note(f"{serve}: {message}", quiet)
     files = provenance_files(result, record, output)
     for notice in result.notices(heads.replace("-", "_")):
         _note(f"note: {notice}", quiet)
     with _stage(f"writing {output}", quiet), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes above said it
-        written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"))
+        written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"), serve=serve)
 
     document = _merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     if as_json:
@@ -358,6 +373,7 @@ def _merge_document(result, record: dict, output: str, files: list[str]) -> dict
             for entry in record["inputs"]
         ],
         "modules": modules,
+        "serve": record["options"]["serve"],
         "heads": {
             "mode": record["options"]["heads"],
             "shared": sorted(result.shared_saved),

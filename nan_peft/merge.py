@@ -93,6 +93,7 @@ class MergeResult:
         overwrite: bool = False,
         extra_files: Mapping[str, str | bytes] | None = None,
         heads: str = "drop",
+        serve: str | None = None,
     ) -> Path:
         """Write the merged adapter (peft format, servable form) to `path`, atomically; never over an input.
 
@@ -102,6 +103,9 @@ class MergeResult:
         saved modules and that source's own head, loadable with PeftModel.from_pretrained(model, path,
         subfolder=name) into a model with that task's label count (each holds a copy of the merged factors);
         "keep" writes the saved modules into the merged adapter itself, when all sources share them identically.
+        serve ("vllm", "lorax", "tgi", "peft") fits the adapter to that engine (serving.plan_for: the rank
+        padded with zeros to one the engine takes, tensors it refuses left out) and refuses, writing nothing,
+        when the engine still could not serve it.
         """
         if heads not in HEADS:
             raise NanPeftError(f"unknown heads {heads!r}; choose from {', '.join(HEADS)}")
@@ -112,10 +116,19 @@ class MergeResult:
             adapter = replace(adapter, saved=self.shared_saved)
         elif heads == "per_task":
             subfolders = self.task_adapters()
+        rank = None
+        if serve is not None:
+            from .serving import plan_for
+
+            plan = plan_for(adapter, serve)
+            plan.raise_for_errors()
+            adapter, rank = plan.adapter, plan.rank
         for notice in self.notices(heads):
             warnings.warn(notice, stacklevel=2)
         protected = [source.source for source in self.sources if source.source]
-        return write_adapter(adapter, path, overwrite=overwrite, extra_files=extra_files, protected=protected, subfolders=subfolders)
+        return write_adapter(
+            adapter, path, rank=rank, overwrite=overwrite, extra_files=extra_files, protected=protected, subfolders=subfolders
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

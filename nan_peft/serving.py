@@ -25,6 +25,7 @@ import math
 import re
 from collections.abc import Iterable
 
+from .errors import NanPeftError
 from .lora import LoraAdapter
 
 ENGINES = ("vllm", "lorax", "tgi", "peft")
@@ -227,3 +228,59 @@ def _names(value) -> str:
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingPlan:
+    """How to write an adapter for one engine: the adapter and rank to write, what was changed to fit the
+    engine, and what the engine still says about the result (errors mean it cannot serve it)."""
+
+    engine: str
+    adapter: LoraAdapter
+    rank: int
+    changes: list[str]
+    findings: list[Finding]
+
+    def raise_for_errors(self) -> None:
+        """NanPeftError with the first reason the engine could not serve the adapter, if any."""
+        errors = [f.message for f in self.findings if f.level == "error"]
+        if errors:
+            raise NanPeftError(f"{self.engine} cannot serve the merged adapter: {errors[0]}")
+
+
+def engine_rank(engine: str, rank: int) -> int:
+    """The rank to write for `engine`: vLLM's next --max-lora-rank value, at least the smallest rank of
+    LoRAX's / TGI's fast kernels, else `rank` itself. Zero padding keeps the update exact."""
+    if engine == "vllm":
+        return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank)
+    if engine in ("lorax", "tgi"):
+        return max(rank, FAST_RANKS[0])
+    return rank
+
+
+def plan_for(adapter: LoraAdapter, engine: str, rank: int | None = None) -> ServingPlan:
+    """Fit `adapter` (in nan-peft's servable form: one rank, scales baked in) to `engine`: pad the rank
+    (engine_rank), leave out tensors the engine refuses (full weights carried beside the factors) and check
+    the result with serving_findings. `rank` is the rank asked for (default: the adapter's)."""
+    from .writer import adapter_config, servable_rank
+
+    if engine not in ENGINES:
+        raise NanPeftError(f"unknown serving engine {engine!r}; choose from {', '.join(ENGINES)}")
+    rank = servable_rank(adapter, rank)
+    changes = []
+    target = engine_rank(engine, rank)
+    if target != rank:
+        changes.append(f"padded the rank from {rank} to {target} with zeros (exact) for {engine}")
+    if engine != "peft" and (adapter.extras or adapter.saved):
+        left = sorted(adapter.extras) + sorted(adapter.saved)
+        changes.append(
+            f"left out {len(left)} full tensor(s) that {engine} does not take ({', '.join(left[:2])}{' ...' if len(left) > 2 else ''}); "
+            "they are copies of the base model's weights unless its vocabulary was resized"
+        )
+        adapter = dataclasses.replace(adapter, extras={}, saved={})
+    written = dataclasses.replace(
+        adapter,
+        config=adapter_config(adapter, target),
+        modules={p: dataclasses.replace(m, A=m.A.new_empty((target, m.A.shape[1])), scale=1.0) for p, m in adapter.modules.items()},
+    )
+    return ServingPlan(engine, adapter, target, changes, serving_findings(written)[engine])
