@@ -58,3 +58,20 @@ def test_live_errors(llama_adapters):
         add_nan_weighted_adapter(model, ["s0", "nope"], "m")
     with pytest.raises(NanPeftError, match="already has an adapter named 's1'"):
         add_nan_weighted_adapter(model, ["s0", "s1"], "s1")
+
+
+def test_live_merge_on_a_model_placed_by_accelerate(llama_adapters, tmp_path):
+    """The base loaded with a device map (accelerate hooks; all on the CPU here, on GPUs where there are)."""
+    from transformers import AutoModelForCausalLM
+
+    BASES[LLAMA]().save_pretrained(tmp_path / "base")
+    placed = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="auto")
+    model = load_sources(LLAMA, llama_adapters[:2], base_model=placed)
+    result = add_nan_weighted_adapter(model, ["s0", "s1"], "merged", combine="svd", rank=4)
+    model.set_adapter("merged")
+    offline = merge_adapters(llama_adapters[:2], combine="svd", rank=4)
+    offline.save_pretrained(tmp_path / "offline")
+    reference = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "offline")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.coefficients.values, offline.coefficients.values)
