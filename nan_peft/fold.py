@@ -343,7 +343,9 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
                 f"{_shape(expected)}: the adapters were trained on another model"
             )
         if stored.dtype not in FLOATS:
-            raise NanPeftError(f"module {path}: the base tensor {name} is {stored.dtype}, not a float (a quantized model?); fold into an unquantized base")
+            raise NanPeftError(
+                f"module {path}: the base tensor {name} is {stored.dtype}, not a float (a quantized model?); fold into an unquantized base"
+            )
         modules[path], targets[name] = module, path
     if groups is None and config.get("tie_word_embeddings", True):
         embedding = [path for path, module in modules.items() if module.kind == "embedding"]
@@ -447,8 +449,8 @@ def _write_streaming(plan: FoldPlan, result: MergeResult, rule: str, options: Ma
         metadata = dict(checkpoint.index_metadata)
         metadata["total_size"] = total_size
         if "total_parameters" in metadata:
-            added = sum(_numel(checkpoint.tensors[source].shape) for names in plan.layout.values() for name, source in names.items() if name != source)
-            metadata["total_parameters"] += added
+            split = [source for names in plan.layout.values() for name, source in names.items() if name != source]
+            metadata["total_parameters"] += sum(_numel(checkpoint.tensors[source].shape) for source in split)
         index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -539,7 +541,8 @@ def _load_placed(plan: FoldPlan, device_map, max_memory):
     try:
         model = model_class.from_pretrained(plan.checkpoint.folder, device_map=device_map, max_memory=max_memory, **{dtype_key: dtype})
     except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise NanPeftError(f"{plan.checkpoint.folder}: transformers could not load it with device_map={device_map!r} ({_first_line(error)})") from None
+        reason = _first_line(error)
+        raise NanPeftError(f"{plan.checkpoint.folder}: transformers could not load it with device_map={device_map!r} ({reason})") from None
     if "disk" in (getattr(model, "hf_device_map", None) or {}).values():
         raise NanPeftError(_DISK_REFUSAL)
     return model
@@ -560,7 +563,10 @@ def _fold_placed(model, plan: FoldPlan, result: MergeResult, rule: str, options:
     for group in plan.untied:
         present = [name for name in group if name in parameters]
         if any(parameters[name].device.type == "meta" for name in present):
-            raise NanPeftError(f"the tied weights {', '.join(group)} are offloaded: folding a change to them needs them on a device (raise max_memory) or the streaming path")
+            raise NanPeftError(
+                f"the tied weights {', '.join(group)} are offloaded: folding a change to them needs them on a device "
+                "(raise max_memory) or the streaming path"
+            )
         for name in present[1:]:
             owner, _, attribute = name.rpartition(".")
             clone = torch.nn.Parameter(parameters[name].detach().clone(), requires_grad=False)
@@ -575,7 +581,9 @@ def _fold_placed(model, plan: FoldPlan, result: MergeResult, rule: str, options:
             weight = offloaded_tensor(model, name) if offloaded else parameter.data
             expected = plan.checkpoint.tensors[sources[name]].shape
             if tuple(weight.shape) != expected:
-                raise NanPeftError(f"the loaded model's {name} is {_shape(weight.shape)}, its checkpoint tensor {_shape(expected)}: fold without device_map")
+                raise NanPeftError(
+                    f"the loaded model's {name} is {_shape(weight.shape)}, its checkpoint tensor {_shape(expected)}: fold without device_map"
+                )
             where = weight.device if weight.device.type != "cpu" else device
             weight.copy_(folded_weight(weight, _float_delta(plan, result, path, rule, options, where)))
             if offloaded and not torch.equal(offloaded_tensor(model, name), weight):

@@ -40,7 +40,11 @@ def save_base(model, folder, shard="40KB"):
     return folder
 
 
-BUILDERS = {"gpt2": (GPT2, tiny_gpt2, "gpt2_adapters"), "llama": (LLAMA, tiny_llama, "llama_adapters"), "llama_tied": (LLAMA, tied_llama, "llama_adapters")}
+BUILDERS = {  # case: (base name in the adapters, model builder, adapters fixture)
+    "gpt2": (GPT2, tiny_gpt2, "gpt2_adapters"),
+    "llama": (LLAMA, tiny_llama, "llama_adapters"),
+    "llama_tied": (LLAMA, tied_llama, "llama_adapters"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +307,8 @@ def test_bad_inputs(bases, llama_adapters, gpt2_adapters, tmp_path):
     out = tmp_path / "out"
 
     wider = save_base(LlamaForCausalLM(LlamaConfig(**{**tiny_llama().config.to_dict(), "intermediate_size": 64})), tmp_path / "wider")
-    with pytest.raises(NanPeftError, match=r"module model.layers.0.mlp.up_proj: the base tensor model.layers.0.mlp.up_proj.weight has shape 64x32 but the adapters' update is 48x32"):
+    shapes = r"module model.layers.0.mlp.up_proj: the base tensor model.layers.0.mlp.up_proj.weight has shape 64x32 but the adapters' update is 48x32"
+    with pytest.raises(NanPeftError, match=shapes):
         fold_into(result, wider, out)
     with pytest.raises(NanPeftError, match="the base model has no tensor for module transformer.h.0.attn.c_attn"):
         fold_into(merge_adapters(gpt2_adapters), bases["llama"], out)
