@@ -48,10 +48,12 @@ def weighted_terms(adapters: Sequence[LoraAdapter], coefficients: Coefficients, 
     return terms
 
 
-def stacked_factors(terms: Sequence[Term], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) = ([w_1 B_1 | ... | w_K B_K], [A_1; ...; A_K]) in float64: B @ A = sum_k w_k B_k A_k exactly."""
-    B = torch.cat([module.B.to(device, torch.float64) * weight for _, module, weight in terms], dim=1)
-    A = torch.cat([module.A.to(device, torch.float64) for _, module, _ in terms])
+def stacked_factors(
+    terms: Sequence[Term], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = ([w_1 B_1 | ... | w_K B_K], [A_1; ...; A_K]) in `dtype`: B @ A = sum_k w_k B_k A_k."""
+    B = torch.cat([module.B.to(device, dtype) * weight for _, module, weight in terms], dim=1)
+    A = torch.cat([module.A.to(device, dtype) for _, module, _ in terms])
     return B, A
 
 
@@ -138,15 +140,16 @@ def dense_updates(
     rule: str = "task_arithmetic",
     options: Mapping | None = None,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
 ) -> Iterator[tuple[str, list[LoraModule], torch.Tensor]]:
-    """Yield (path, contributing modules, merged update as an (m, n) float64 matrix on `device`) one module
-    at a time, for any rule: what the fold path adds to base weights, and what svd truncates for the
-    entry-wise rules. Memory: the K dense updates of one module."""
+    """Yield (path, contributing modules, merged update as an (m, n) matrix in `dtype` on `device`) one
+    module at a time, for any rule: what the fold path adds to base weights (in float32), and what svd
+    truncates for the entry-wise rules (in float64). Memory: the K dense updates of one module."""
     params, seed = rule_options(rule, options or {})
     if rule in LOW_RANK:
         for path, terms in weighted_terms(adapters, coefficients, params.get("scale", 1.0)).items():
             if terms:
-                B, A = stacked_factors(terms, device)
+                B, A = stacked_factors(terms, device, dtype)
                 yield path, [module for _, module, _ in terms], B @ A
         return
     for m, path in enumerate(coefficients.modules):
@@ -155,8 +158,8 @@ def dense_updates(
         if not members:
             continue
         modules = [adapters[k].modules[path] for k in members]
-        deltas = torch.stack([mod.scale * (mod.B.to(device, torch.float64) @ mod.A.to(device, torch.float64)) for mod in modules])
-        generator = module_generator(seed, path, device) if seed is not None else None
+        deltas = torch.stack([mod.scale * (mod.B.to(device, dtype) @ mod.A.to(device, dtype)) for mod in modules])
+        generator = module_generator(seed, path) if seed is not None else None
         yield path, modules, RULES[rule](deltas, c[members].to(device), generator, **params)
 
 

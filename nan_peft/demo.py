@@ -133,7 +133,7 @@ def _run(output, force, say) -> DemoReport:
 
     result = merge_adapters(paths)
     command = ["nan-peft", "merge", *map(str, paths), "-o", str(merged_dir)]
-    record = merge_record(result, [input_entry(str(p), p, p.name) for p in paths], command, {"device": "cpu"})
+    record = merge_record(result, [input_entry(str(p), p, p.name) for p in paths], command, {"device": "cpu", "heads": "drop", "serve": None})
     result.save_pretrained(merged_dir, overwrite=force, extra_files=provenance_files(result, record, str(merged_dir)))
     say(f"merged them with NAN coefficients into {merged_dir}")
 

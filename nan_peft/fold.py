@@ -425,16 +425,18 @@ def folded_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _float_delta(plan: FoldPlan, result: MergeResult, path: str, rule: str, options: Mapping, device) -> torch.Tensor:
-    """The module's update in its weight's layout, in float32 (the float64 update is freed on return)."""
-    return plan.modules[path].weight_delta(module_update(result, path, rule, options, device)).float()
+    """The module's update in its weight's layout, computed in float32."""
+    return plan.modules[path].weight_delta(module_update(result, path, rule, options, device, torch.float32))
 
 
-def module_update(result: MergeResult, path: str, rule: str, options: Mapping, device: torch.device | str) -> torch.Tensor:
-    """The merged (m, n) float64 update of one module on `device` (dense_updates restricted to that module)."""
+def module_update(
+    result: MergeResult, path: str, rule: str, options: Mapping, device: torch.device | str, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The merged (m, n) update of one module in `dtype` on `device` (dense_updates restricted to that module)."""
     coefficients = result.coefficients
     m = coefficients.modules.index(path)
     only = replace(coefficients, modules=(path,), values=coefficients.values[m : m + 1])
-    for _, _, update in dense_updates(result.sources, only, rule, options, device):
+    for _, _, update in dense_updates(result.sources, only, rule, options, device, dtype):
         return update
     raise NanPeftError(f"module {path}: the merge has no update there")  # every coefficient zero: planned out before
 

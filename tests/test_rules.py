@@ -167,3 +167,16 @@ def test_dare_seeded(llama_adapters):
 def test_rule_option_errors(llama_adapters, options, message):
     with pytest.raises(NanPeftError, match=message):
         merge_adapters(llama_adapters, **options)
+
+
+def test_dare_masks_do_not_depend_on_dtype(llama_adapters):
+    """The fold computes in float32 and the svd merge in float64: the same seed must drop the same entries."""
+    from nan_peft.combine import dense_updates
+
+    result = merge_adapters(llama_adapters, method="dare_linear", density=0.5, rank=8, seed=3)
+    options = {"density": 0.5, "seed": 3}
+    wide = {p: u for p, _, u in dense_updates(result.sources, result.coefficients, "dare_linear", options)}
+    narrow = {p: u for p, _, u in dense_updates(result.sources, result.coefficients, "dare_linear", options, dtype=torch.float32)}
+    for path in wide:
+        assert narrow[path].dtype == torch.float32
+        torch.testing.assert_close(narrow[path].double(), wide[path], rtol=1e-5, atol=1e-6)

@@ -47,7 +47,7 @@ def rule_options(name: str, options: Mapping) -> tuple[dict, int | None]:
     return given, None
 
 
-def module_generator(seed: int, module: str, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator for one module, seeded from (seed, module path) alone: results do not depend on the
-    order or batching of modules. Streams differ between device types (CPU vs CUDA)."""
-    return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{module}".encode()))
+def module_generator(seed: int, module: str) -> torch.Generator:
+    """A CPU generator for one module, seeded from (seed, module path) alone: results do not depend on the
+    order or batching of modules, nor on the device (masks are drawn on the CPU, see family.drop_random)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module}".encode()))

@@ -28,7 +28,9 @@ def drop_random(deltas: torch.Tensor, density: float, generator: torch.Generator
     expectation of the update is unchanged (rescale)."""
     if density >= 1:
         return deltas
-    keep = torch.rand(deltas.shape, generator=generator, device=deltas.device, dtype=deltas.dtype) < density
+    # drawn on the CPU in float64 whatever the device and dtype of the updates: the same seed gives the same
+    # mask for the svd merge (float64), the fold (float32) and on a GPU
+    keep = (torch.rand(deltas.shape, generator=generator, dtype=torch.float64) < density).to(deltas.device)
     kept = deltas * keep
     return kept / density if rescale else kept
 
