@@ -29,6 +29,7 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "relative_discarded": float,
                   "coefficients": {adapter name: float}}],
      "serve": "vllm" | "lorax" | "tgi" | "peft" | null,  # the engine the output was fitted to (--serve)
+     "fold_into": str | null,            # the base model folded into (--fold-into): OUTPUT is then a full model
      "heads": {"mode": "drop" | "per-task" | "keep",  # what became of full modules the adapters carry
                "shared": [str],                  # state-dict keys identical in every adapter
                "tasks": {adapter name: [str]}}}  # each adapter's own (per-task: written to OUTPUT/<name>/)
@@ -70,7 +71,7 @@ from .rules import RULES
 from .serving import ENGINES
 
 MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
-RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", *MERGE_OPTIONS)
+RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", "fold_into", "device_map", "max_memory", *MERGE_OPTIONS)
 HEADS = ("drop", "per-task", "keep")
 DTYPES = ("float32", "float16", "bfloat16")
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
@@ -239,6 +240,12 @@ def cli() -> None:
       help="Merge adapters whose configs name different base models.")
 @_opt("--allow-duplicates", is_flag=True, default=None, section="Input and output",
       help="Merge the same adapter more than once (it then weighs more).")
+@_opt("--fold-into", "fold_into", metavar="BASE", section="Folding",
+      help="Write a full model instead of an adapter: BASE (a transformers safetensors folder) + the exact merged "
+      "update (never truncated by --rank), streamed shard by shard.")
+@_opt("--device-map", metavar="auto|balanced|sequential|cpu", section="Folding",
+      help="Fold with the model loaded and spread by accelerate instead of streaming (updates added where each weight lives).")
+@_opt("--max-memory", metavar="0=20GiB,cpu=64GiB", section="Folding", help="Memory per device for --device-map.")
 @_opt("--serve", type=click.Choice(ENGINES), section="Input and output",
       help="Fit the output to a serving engine (rank padded to one it takes, tensors it refuses left out), say what "
       "changed, and refuse if it still could not serve it.")
@@ -282,6 +289,11 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     recipe_data = _load_recipe(recipe) if recipe else {}
     heads = given.pop("heads", None) or recipe_data.get("heads") or "drop"
     serve = given.pop("serve", None) or recipe_data.get("serve")
+    fold = {key: given.pop(key, None) or recipe_data.get(key) for key in ("fold_into", "device_map", "max_memory")}
+    if fold["fold_into"] is None and (fold["device_map"] or fold["max_memory"]):
+        raise click.UsageError("--device-map and --max-memory go with --fold-into", ctx)
+    if fold["fold_into"] is not None and (serve or heads != "drop"):
+        raise click.UsageError("--fold-into writes a full model: --serve and --heads do not apply", ctx)
     if serve is not None and serve not in ENGINES:
         raise NanPeftError(f"{recipe}: serve must be one of {', '.join(ENGINES)}, not {serve!r}")
     if heads not in HEADS:
@@ -310,6 +322,17 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
     record = merge_record(result, inputs, command, {"device": str(device), "heads": heads, "serve": serve}, recipe=recipe_data or None)
+    if fold["fold_into"] is not None:
+        from .fold import parse_max_memory
+        from .record import RECORD_NAME, record_json
+
+        record["options"]["fold_into"] = fold["fold_into"]
+        memory = parse_max_memory(fold["max_memory"]) if fold["max_memory"] else None
+        with _stage(f"folding into {fold['fold_into']}: {output}", quiet):
+            written = result.fold_into(fold["fold_into"], output, device=device, device_map=fold["device_map"], max_memory=memory,
+                                       overwrite=force, extra_files={RECORD_NAME: record_json(record)})
+        _report_merge(result, record, output, written, as_json)
+        return
     if serve is not None:
         from .serving import plan_for
 
@@ -324,6 +347,10 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         warnings.simplefilter("ignore")  # the notes above said it
         written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"), serve=serve)
 
+    _report_merge(result, record, output, written, as_json)
+
+
+def _report_merge(result, record: dict, output: str, written, as_json: bool) -> None:
     document = _merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     if as_json:
         _print_json(document)
@@ -342,7 +369,10 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     if document["combine"] == "svd" and document["modules"]:
         worst = max(document["modules"], key=lambda m: m["relative_discarded"])
         click.echo(f"largest relative truncation error: {_g(worst['relative_discarded'])} ({worst['module']})")
-    click.echo(f"wrote {output} ({', '.join(document['files'])})")
+    if document["fold_into"]:
+        click.echo(f"folded the exact merge (no truncation) into {document['fold_into']}: wrote the full model {output}")
+    else:
+        click.echo(f"wrote {output} ({', '.join(document['files'])})")
 
 
 def _merge_document(result, record: dict, output: str, files: list[str]) -> dict:
@@ -374,6 +404,7 @@ def _merge_document(result, record: dict, output: str, files: list[str]) -> dict
         ],
         "modules": modules,
         "serve": record["options"]["serve"],
+        "fold_into": record["options"].get("fold_into"),
         "heads": {
             "mode": record["options"]["heads"],
             "shared": sorted(result.shared_saved),

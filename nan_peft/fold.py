@@ -30,7 +30,7 @@ import torch
 from .combine import dense_updates
 from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraModule
-from .writer import publish_folder
+from .writer import check_file_names, publish_folder, write_files
 
 if TYPE_CHECKING:
     from .merge import MergeResult
@@ -128,6 +128,9 @@ def fold_into(
     output = Path(output)
     if output.exists() and not (overwrite and output.is_dir()):
         raise NanPeftError(f"{output} already exists; pass overwrite=True / --force to replace it")
+    carried = sorted({m for source in result.sources for m in source.saved_modules})
+    if carried:
+        raise NanPeftError(f"the adapters carry full modules ({', '.join(carried)}: modules_to_save); folding them is not supported")
     folder = resolve_base(base)
     if output.resolve() == folder.resolve():
         raise NanPeftError(f"{output} is the base model's folder: fold into a new folder")
@@ -148,14 +151,15 @@ def fold_into(
         def write_weights(tmp: Path) -> None:
             _save_placed(model, plan, tmp)
 
+    check_file_names(extra_files or {}, reserved=(*plan.checkpoint.files, "config.json", "model.safetensors.index.json"))
+
     def write_all(tmp: Path) -> None:
         write_weights(tmp)
         _copy_other_files(plan, tmp)
-        for name, content in (extra_files or {}).items():
-            target = tmp / name
-            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content, encoding="utf-8")
+        write_files(tmp, extra_files or {})
 
-    return publish_folder(output, write_all, overwrite)
+    protected = [folder, *(source.source for source in result.sources if source.source)]
+    return publish_folder(output, write_all, overwrite, protected)
 
 
 def merge_rule(result: MergeResult) -> tuple[str, dict]:

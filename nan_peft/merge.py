@@ -130,6 +130,12 @@ class MergeResult:
             adapter, path, rank=rank, overwrite=overwrite, extra_files=extra_files, protected=protected, subfolders=subfolders
         )
 
+    def fold_into(self, base: str | os.PathLike, output: str | os.PathLike, **options) -> Path:
+        """Write base + the exact merged update (never truncated) as a full model: see nan_peft.fold.fold_into."""
+        from .fold import fold_into  # fold imports this module
+
+        return fold_into(self, base, output, **options)
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """"auto" (or None) picks CUDA when available, else the CPU."""
