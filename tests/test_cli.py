@@ -107,7 +107,7 @@ def test_merge_cat_writes_what_the_library_writes(here, tmp_path):
 def test_merge_svd_json_is_documented_and_exact(here, tmp_path):
     result = ok("merge", *NAMES, "-o", "out-svd", "--combine", "svd", "--rank", "4", "--exponent", "2", "--json")
     document = json.loads(result.stdout)
-    assert set(document) == {"output", "files", "rank", "method", "rule", "combine", "dtype", "device", "coefficients", "adapters", "modules", "heads", "serve"}
+    assert set(document) == {"output", "files", "rank", "method", "rule", "combine", "dtype", "device", "coefficients", "adapters", "modules", "heads", "serve", "fold_into"}
     assert document["heads"] == {"mode": "drop", "shared": [], "tasks": {}}
     assert document["output"] == "out-svd" and document["files"] == WRITTEN
     assert (document["rank"], document["combine"], document["method"], document["dtype"], document["device"]) == (4, "svd", "task_arithmetic", "float32", "cpu")
