@@ -240,12 +240,6 @@ def cli() -> None:
       help="Merge adapters whose configs name different base models.")
 @_opt("--allow-duplicates", is_flag=True, default=None, section="Input and output",
       help="Merge the same adapter more than once (it then weighs more).")
-@_opt("--fold-into", "fold_into", metavar="BASE", section="Folding",
-      help="Write a full model instead of an adapter: BASE (a transformers safetensors folder) + the exact merged "
-      "update (never truncated by --rank), streamed shard by shard.")
-@_opt("--device-map", metavar="auto|balanced|sequential|cpu", section="Folding",
-      help="Fold with the model loaded and spread by accelerate instead of streaming (updates added where each weight lives).")
-@_opt("--max-memory", metavar="0=20GiB,cpu=64GiB", section="Folding", help="Memory per device for --device-map.")
 @_opt("--serve", type=click.Choice(ENGINES), section="Input and output",
       help="Fit the output to a serving engine (rank padded to one it takes, tensors it refuses left out), say what "
       "changed, and refuse if it still could not serve it.")
@@ -268,6 +262,12 @@ def cli() -> None:
 @_opt("--combine", type=click.Choice(["cat", "svd"]), section="Combination",
       help="cat: exact, rank = sum of ranks [default for task_arithmetic]; svd: best rank-R approximation.")
 @_opt("--rank", type=click.IntRange(min=1), metavar="R", section="Combination", help="Target rank (svd: required; cat: pad up to R).")
+@_opt("--fold-into", "fold_into", metavar="BASE", section="Folding",
+      help="Write a full model instead of an adapter: BASE (a transformers safetensors folder) + the exact merged "
+      "update (never truncated by --rank), streamed shard by shard.")
+@_opt("--device-map", metavar="auto|balanced|sequential|cpu", section="Folding",
+      help="Fold with the model loaded and spread by accelerate instead of streaming (updates added where each weight lives).")
+@_opt("--max-memory", metavar="0=20GiB,cpu=64GiB", section="Folding", help="Memory per device for --device-map.")
 @_opt("--device", metavar="cpu|cuda|auto", section="Execution", help="Where to compute [default cpu].")
 @_opt("--dtype", type=click.Choice(DTYPES), section="Execution", help="dtype of the written factors [default: the inputs'].")
 @_output_options()

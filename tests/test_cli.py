@@ -482,7 +482,7 @@ def test_help_lists_commands_in_order_and_groups_options():
     assert [line.split()[0] for line in text.split("Commands:")[1].strip().splitlines()[:4]] == ["merge", "norms", "inspect", "demo"]
     merge_help = ok("merge", "--help").stdout
     headings = [line[:-1] for line in merge_help.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
-    assert headings == ["Input and output", "Coefficients", "Merge rule", "Combination", "Execution", "Output"]
+    assert headings == ["Input and output", "Coefficients", "Merge rule", "Combination", "Folding", "Execution", "Output"]
     for name in ("norms", "inspect", "demo"):
         assert "Output:" in ok(name, "--help").stdout
 
