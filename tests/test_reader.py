@@ -239,3 +239,10 @@ def test_weight_delta_has_the_base_weight_layout(llama_adapters, gpt2_adapters, 
             got = adapter.modules[module].weight_delta(adapter.modules[module].delta())
             assert got.shape == layer.get_base_layer().weight.shape
             torch.testing.assert_close(got, expected.double(), rtol=1e-5, atol=1e-7)
+
+
+def test_hub_id_offline_fails_in_one_line(monkeypatch):
+    """A Hub id is fetched through huggingface_hub; offline (as in these tests) that is a clear one-line error."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NanPeftError, match=r"^someone/some-adapter: no such folder, and fetching it from the Hub failed \(\w+\)$"):
+        read_adapter("someone/some-adapter")

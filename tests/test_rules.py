@@ -180,3 +180,27 @@ def test_dare_masks_do_not_depend_on_dtype(llama_adapters):
     for path in wide:
         assert narrow[path].dtype == torch.float32
         torch.testing.assert_close(narrow[path].double(), wide[path], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,options", [("ties", {"density": 0.4, "scale": 1.2}), ("dare_ties", {"density": 0.5, "seed": 4}),
+                                            ("magnitude_prune", {"density": 0.3}), ("task_arithmetic", {"scale": 0.5})])
+def test_cli_recipe_and_python_give_the_same_bytes(llama_adapters, tmp_path, monkeypatch, method, options):
+    """One registry behind the three front ends: --method, the recipe's method key and merge_adapters(method=)."""
+    from click.testing import CliRunner
+
+    from nan_peft.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    paths = [str(p) for p in llama_adapters]
+    rank = {"task_arithmetic": None}.get(method, 8)
+    merge_adapters(paths, method=method, rank=rank, **options).save_pretrained("py")
+    flags = [f"--{k}={v}" for k, v in options.items()] + ([f"--rank={rank}"] if rank else [])
+    assert CliRunner().invoke(cli, ["merge", *paths, "-o", "cli", "--method", method, *flags, "-q"]).exit_code == 0
+    recipe = {"adapters": paths, "output": "recipe", "method": method, **options, **({"rank": rank} if rank else {})}
+    import yaml
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert CliRunner().invoke(cli, ["merge", "--config", "recipe.yaml", "-q"]).exit_code == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        expected = (tmp_path / "py" / name).read_bytes()
+        assert (tmp_path / "cli" / name).read_bytes() == expected and (tmp_path / "recipe" / name).read_bytes() == expected
