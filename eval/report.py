@@ -26,7 +26,7 @@ def theory_tables(results: dict) -> str:
              "*c*: mean coefficients of the three tasks (n_k = 64, 256, 1024 unless the sweep changes them).", ""]
     for sweep, data in results["sweeps"].items():
         lines += [f"**{sweep}** ({data['axis']})", "",
-                  "| x | norms ||dW_k|| | NAN p=1 c | NAN p=2 c | n_k/sum n | gap NAN p=1 | gap NAN p=2 | gap data volume | gap best c |",
+                  "| x | norms ‖dW_k‖ | NAN p=1 c | NAN p=2 c | n_k/sum n | gap NAN p=1 | gap NAN p=2 | gap data volume | gap best c |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for case in data["cases"]:
             fmt = lambda v: " / ".join(f"{x:.2f}" for x in v)  # noqa: E731
@@ -70,9 +70,10 @@ def theory_plots(results: dict, folder: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for sweep, index, label in (("shared shift", 0, "zero mean"), ("shared shift", 3, "shared shift = 1 x noise"),
-                                ("shared shift", 5, "shared shift = 4 x noise"), ("dimension", 0, "zero mean, d = 4")):
+                                ("shared shift", 5, "shared shift = 4 x noise"), ("dimension", 0, "zero mean, d = 4"),
+                                ("task-specific shifts", 3, "task-specific shifts = 1 x noise, largest on the largest task")):
         case = sweeps[sweep]["cases"][min(index, len(sweeps[sweep]["cases"]) - 1)]
         ps = sorted(case["exponents"], key=float)
         ax.plot([float(p) for p in ps], [case["exponents"][p]["gap_vs_uniform"] for p in ps], marker="o", label=label)
@@ -81,7 +82,7 @@ def theory_plots(results: dict, folder: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Experiment 1: which exponent (n_k = 64, 256, 1024, d = 32)")
+    ax.set_title("Experiment 1: which exponent (n_k = 64, 256, 1024; d = 32 unless said)")
     fig.tight_layout()
     paths.append(folder / "results-theory-exponent.png")
     fig.savefig(paths[1], dpi=110)
@@ -125,7 +126,7 @@ def lora_tables(results: dict) -> str:
             delta = _ms([r["mean"] - base[r["seed"]] for r in group])
         lines.append(f"| {name} | " + " | ".join(_ms([r["accuracy"][t] for r in group]) for t in tasks)
                      + f" | {_ms([r['mean'] for r in group])} | {delta} |")
-    lines += ["", "Update norms ||dW_k||_F and NAN coefficients (p = 1, granularity adapter, total 1), mean over seeds:", "",
+    lines += ["", "Update norms ‖dW_k‖_F and NAN coefficients (p = 1, granularity adapter, total 1), mean over seeds:", "",
               "| task | training examples | epochs | norm | NAN c (p=1) | NAN c (p=2) |", "|---|---|---|---|---|---|"]
     nan1, nan2 = named["task_arithmetic/nan/total1"], named["task_arithmetic/nan/p2/total1"]
     for t in tasks:
@@ -208,7 +209,7 @@ def volume_tables(results: dict) -> str:
     task, sizes = setup["volume_task"], [str(n) for n in setup["volume_sizes"]]
     named = _by_name(rows)
     lines = [f"One task ({task}), three adapters trained on disjoint samples of {', '.join(sizes)} examples through one "
-             f"frozen shared head (a linear probe on the base encoder), the same recipe ({setup['steps']} steps of "
+             f"frozen, randomly initialised shared head (so the adapters learn all of the task), the same recipe ({setup['steps']} steps of "
              f"{setup['batch']}). Accuracy on the {setup['test_size']} test examples, mean ± std over seeds.", "",
              "| model | accuracy % | Δ vs uniform (paired) | coefficients " + " / ".join(sizes) + " |", "|---|---|---|---|"]
     uniform = {r["seed"]: r["mean"] for r in named.get("task_arithmetic/uniform/total1", [])}
@@ -218,7 +219,7 @@ def volume_tables(results: dict) -> str:
         delta = _ms([r["mean"] - base[r["seed"]] for r in group]) if "/" in name and "uniform" not in name else ""
         coefficients = " / ".join(f"{np.mean([r['coefficients'][n] for r in group]):.2f}" for n in sizes) if group[0].get("coefficients") else ""
         lines.append(f"| {name} | {_ms([r['mean'] for r in group])} | {delta} | {coefficients} |")
-    lines += ["", f"Update norms ||dW|| of the {', '.join(sizes)}-example adapters (mean over seeds): "
+    lines += ["", f"Update norms ‖dW‖ of the {', '.join(sizes)}-example adapters (mean over seeds): "
               + " / ".join(f"{np.mean([r['norms'][n] for r in named['task_arithmetic/uniform/total1']]):.2f} ± "
                            f"{_std([r['norms'][n] for r in named['task_arithmetic/uniform/total1']]):.2f}" for n in sizes) + "."]
     return "\n".join(lines)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,7 +212,6 @@ def merge_adapters(
         "dtype": str(dtype).removeprefix("torch."),
     }
     return MergeResult(merged, coeffs, gram, report, sources, options)
-
 
 
 def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:
