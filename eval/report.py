@@ -160,7 +160,7 @@ def lora_plots(results: dict, folder: Path) -> list[Path]:
                 ys.append(np.mean(values))
                 es.append(_std(values))
             ax.errorbar(totals, ys, yerr=es, marker="o", ms=3, capsize=2, color=color, label=label)
-        for ref, style in (("base encoder + task heads", ":"),):
+        for ref, style in (("base encoder + task heads", ":"), ("linear probe (no adapter)", "-.")):
             values = [100 * (r["mean"] if metric == "mean" else r["accuracy"][metric]) for r in named[ref]]
             ax.axhline(np.mean(values), color="gray", ls=style, label=ref)
         if metric != "mean":
@@ -170,7 +170,7 @@ def lora_plots(results: dict, folder: Path) -> list[Path]:
         ax.set_xlabel("total (sum of coefficients)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy %")
-    axes[-1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("Experiment 2: task arithmetic on MiniLM LoRA adapters, uniform vs NAN coefficients")
     fig.tight_layout()
     paths.append(folder / "results-lora-total.png")
@@ -187,11 +187,15 @@ def lora_plots(results: dict, folder: Path) -> list[Path]:
             values = [100 * r["mean"] for r in group]
             ax.bar(i + (j - 0.5) * width, np.mean(values), width, yerr=_std(values),
                    color=color, capsize=3, label=("uniform" if coef == "uniform" else "NAN") if i == 0 else None)
+            ax.scatter([i + (j - 0.5) * width] * len(values), values, s=10, color="k", zorder=3,
+                       label="one seed" if i == 0 and j == 0 else None)
+    for ref, style in (("base encoder + task heads", ":"), ("linear probe (no adapter)", "-.")):
+        ax.axhline(np.mean([100 * r["mean"] for r in named[ref]]), color="gray", ls=style, label=ref)
     ax.set_xticks(range(len(rules)), [label for *_, label in rules])
     ax.set_ylabel("mean accuracy over tasks %")
     low = min(100 * r["mean"] for r in rows if r["kind"] == "merge")
     ax.set_ylim(max(0, low - 10), None)
-    ax.legend()
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title("Experiment 2: each merge rule with uniform vs NAN coefficients")
     fig.tight_layout()
@@ -257,11 +261,11 @@ def volume_plot(results: dict, folder: Path) -> list[Path]:
     values = [[100 * r["mean"] for r in named[n]] for n in names]
     right.bar(range(len(names)), [np.mean(v) for v in values], yerr=[_std(v) for v in values], capsize=3,
               color=["0.6" if "uniform" in n else "C2" if "volume" in n else "C0" for n in names])
-    for n in ("shared head on the base encoder", f"adapter {sizes[-1]} alone"):
-        right.axhline(np.mean([100 * r["mean"] for r in named[n]]), ls=":" if "base" in n else "--", color="gray", label=n)
+    for n, style in ((f"adapter {sizes[0]} alone", ":"), (f"adapter {sizes[-1]} alone", "--")):
+        right.axhline(np.mean([100 * r["mean"] for r in named[n]]), ls=style, color="gray", label=n)
     right.set_xticks(range(len(names)), [n.replace("task_arithmetic/", "TA/").replace("/total1", "") for n in names], rotation=20, fontsize=8)
     low = min(min(v) for v in values)
-    right.set_ylim(low - 3, None)
+    right.set_ylim(low - 3, 100)
     right.set_ylabel("accuracy %")
     right.legend(fontsize=7)
     right.grid(alpha=0.3, axis="y")
