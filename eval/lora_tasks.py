@@ -24,7 +24,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel
-from transformers.masking_utils import create_bidirectional_mask
+
+try:
+    from transformers.masking_utils import create_bidirectional_mask
+except ImportError:  # older transformers: BERT takes the extended additive mask
+    create_bidirectional_mask = None
 
 import nan_peft
 
@@ -98,21 +102,28 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def attention_mask(bert: BertModel, hidden: torch.Tensor, mask: torch.Tensor):
+    if create_bidirectional_mask is None:
+        return bert.get_extended_attention_mask(mask, mask.shape)
+    return create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
+
+
+def run_layers(layers, hidden: torch.Tensor, attn) -> torch.Tensor:
+    for layer in layers:
+        hidden = layer(hidden, attn)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
+
+
 def bottom(bert: BertModel, ids: torch.Tensor, mask: torch.Tensor, split: int) -> torch.Tensor:
     """Hidden states after the first `split` (frozen) layers."""
     hidden = bert.embeddings(input_ids=ids)
-    attn = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
-    for layer in bert.encoder.layer[:split]:
-        hidden = layer(hidden, attn)
-    return hidden
+    return run_layers(bert.encoder.layer[:split], hidden, attention_mask(bert, hidden, mask))
 
 
 def top(bert: BertModel, hidden: torch.Tensor, mask: torch.Tensor, split: int) -> torch.Tensor:
     """Mean-pooled sentence embedding from cached bottom states through layers split..L-1."""
-    attn = create_bidirectional_mask(config=bert.config, inputs_embeds=hidden, attention_mask=mask)
-    for layer in bert.encoder.layer[split:]:
-        hidden = layer(hidden, attn)
-    return mean_pool(hidden, mask)
+    return mean_pool(run_layers(bert.encoder.layer[split:], hidden, attention_mask(bert, hidden, mask)), mask)
 
 
 @torch.no_grad()

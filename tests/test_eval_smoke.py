@@ -98,6 +98,20 @@ def test_lora_pipeline_runs_and_scores_every_model(tiny_results):
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows]
 
 
+def test_cached_split_forward_matches_the_model_with_padding():
+    """Training and scoring run the top layers on cached bottom states: exact, padding included."""
+    import torch
+
+    bert = lora_tasks.load_encoder(TINY)
+    ids = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    assert lora_tasks.check_split(bert, ids, mask, split=2) < 1e-5
+    hidden, m = lora_tasks.trim(lora_tasks.bottom(bert, ids, mask, 2), mask)
+    assert hidden.shape[1] == 10 and torch.equal(m, mask)
+
+
 def test_lora_merged_update_is_what_the_model_scores():
     """apply_update folds exactly the merge's dense update into the weights, and takes it out again."""
     import torch
