@@ -42,6 +42,8 @@ def nan_coefficients(gram: UpdateGram, granularity: str = "adapter", exponent: f
     Granularity "adapter" (the paper's default) takes the norm of each adapter's whole update, over all its
     modules; "module" takes each module's norm and normalises over the adapters present at that module.
     Exponent p = 1 is the paper's; p = 2 weighs by literal inverse variance; p = 0 is uniform.
+    NAN weighs adapters by the size of their updates, which reflects data volume only when the updates are
+    zero-mean noise (docs/results.md measures where that holds and where it does not).
     """
     _check_number("exponent", exponent)
     if granularity == "adapter":
