@@ -85,3 +85,10 @@ def test_server_never_serves_a_partial_adapter(inputs, tmp_path):
     torch.testing.assert_close(server(ids), expected[1], rtol=1e-5, atol=1e-6)  # the last publish (i = 11) is version 1
     assert server.swaps >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref0", "ref1", "served"]  # no temporary folders left
+
+
+def test_merge_and_fold():
+    import merge_and_fold
+
+    out = merge_and_fold.main()
+    torch.testing.assert_close(out["folded"], out["adapter"], rtol=1e-5, atol=1e-5)
