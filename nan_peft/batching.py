@@ -1,5 +1,12 @@
 """Stack the factors of many same-shaped modules onto a device, so that the math runs as a few batched
-kernels instead of a Python loop over hundreds of tiny ones."""
+kernels instead of a Python loop over hundreds of tiny ones.
+
+Two ways to stack. `batches` builds whole stacks (G, R, n) and (G, m, R) in float64: simple, but on a CPU
+the conversion writes fresh memory several times the size of the inputs, and fresh memory costs page faults.
+`groups` plus `stacked_chunks` stream the same stacks through one small reusable buffer, a slice of the
+long dimension at a time, so that each converted piece is still in cache when the batched product reads it:
+the Gram matrices (norms.py) and the truncation (combine.py) accumulate over the pieces.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,10 @@ from .lora import LoraModule
 
 # One batch's stacked float64 factors stay below this many bytes (the caller's memory is a few batches).
 DEFAULT_BATCH_BYTES = 256 * 2**20
+# One converted piece of a stack (stacked_chunks): small enough to stay in a CPU core's cache, large enough
+# that each batched product is efficient. On a GPU, where launches cost more than memory, pieces are large.
+CPU_CHUNK_BYTES = 2 * 2**20
+GPU_CHUNK_BYTES = 256 * 2**20
 
 Term = tuple[int, LoraModule, float]
 """(adapter index, module, weight): the term weight * B @ A of one adapter at one module."""
@@ -32,6 +43,28 @@ class Batch:
     B: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Group:
+    """G modules that have the same contributing adapters, ranks and shape (A_k is r_k x n, B_k is m x r_k),
+    with their terms; the stacks are built piece by piece by stacked_chunks."""
+
+    paths: tuple[str, ...]
+    members: tuple[int, ...]
+    ranks: tuple[int, ...]
+    n: int
+    m: int
+    terms: tuple[tuple[Term, ...], ...]
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    def weights(self, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """(G, R): the weight of each row of the stacked A (column of the stacked B): w_k repeated r_k times."""
+        values = [[w for (_, _, w), r in zip(path_terms, self.ranks) for _ in range(r)] for path_terms in self.terms]
+        return torch.tensor(values, dtype=dtype, device=device).reshape(len(self.paths), self.rank)
+
+
 def batches(
     terms: Mapping[str, Sequence[Term]],
     device: torch.device | str = "cpu",
@@ -39,19 +72,77 @@ def batches(
     max_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> Iterator[Batch]:
     """Yield Batches covering every module path in `terms` (paths with no terms are skipped)."""
-    groups: dict[tuple, list[str]] = {}
+    item_size = torch.empty((), dtype=dtype).element_size()
+    for group in groups(terms):
+        per_module = group.rank * (group.n + group.m) * item_size
+        step = max(1, max_bytes // per_module)
+        for start in range(0, len(group.paths), step):
+            chunk = group.terms[start : start + step]
+            A, B = _stack(chunk, group.ranks, group.n, group.m, device, dtype)
+            yield Batch(group.paths[start : start + step], group.members, group.ranks, A, B)
+
+
+def groups(terms: Mapping[str, Sequence[Term]], max_modules: int | None = None) -> list[Group]:
+    """The module paths of `terms` grouped by contributing adapters, ranks and shape (at most `max_modules`
+    paths a group; paths with no terms are skipped), in the order of `terms`."""
+    found: dict[tuple, list[str]] = {}
     for path, path_terms in terms.items():
         if path_terms:
             first = path_terms[0][1]
             key = (tuple(k for k, _, _ in path_terms), tuple(m.rank for _, m, _ in path_terms), first.A.shape[1], first.B.shape[0])
-            groups.setdefault(key, []).append(path)
-    item_size = torch.empty((), dtype=dtype).element_size()
-    for (members, ranks, n, m), paths in groups.items():
-        per_module = sum(ranks) * (n + m) * item_size
-        step = max(1, max_bytes // per_module)
+            found.setdefault(key, []).append(path)
+    result = []
+    for (members, ranks, n, m), paths in found.items():
+        step = max_modules or len(paths)
         for start in range(0, len(paths), step):
             chunk = tuple(paths[start : start + step])
-            yield Batch(chunk, members, ranks, *_stack([terms[p] for p in chunk], ranks, n, m, device, dtype))
+            result.append(Group(chunk, members, ranks, n, m, tuple(tuple(terms[p]) for p in chunk)))
+    return result
+
+
+def chunk_bytes(device: torch.device | str) -> int:
+    """The size of the pieces stacked_chunks converts at a time on `device`."""
+    return CPU_CHUNK_BYTES if torch.device(device).type == "cpu" else GPU_CHUNK_BYTES
+
+
+def modules_per_piece(group: Group, item_size: int, max_bytes: int) -> int:
+    """How many of the group's modules one piece of at most `max_bytes` holds whole (at least 1)."""
+    return max(1, max_bytes // (group.rank * max(group.n, group.m) * item_size))
+
+
+def stacked_chunks(
+    group: Group,
+    side: str,
+    buffer: torch.Tensor,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield the stacked factors of modules group.paths[start:stop] one slice of their long dimension at a time,
+    converted into `buffer` (a flat tensor whose dtype and device the pieces get; each piece overwrites the
+    previous one, so use it before asking for the next).
+
+    side "A": pieces (G, R, c) of [A_1; ...; A_K][:, s], s a slice of the n columns;
+    side "B": pieces (G, c, R) of [B_1 | ... | B_K][s, :], s a slice of the m rows. The weights are not applied.
+    """
+    chunk = group.terms[start:stop]
+    G, R = len(chunk), group.rank
+    length = group.n if side == "A" else group.m
+    step = max(1, min(length, buffer.numel() // (G * R)))
+    if step < length and step >= 64:
+        step -= step % 64  # aligned pieces
+    for begin in range(0, length, step):
+        end = min(length, begin + step)
+        piece = buffer[: G * R * (end - begin)]
+        piece = piece.view(G, R, end - begin) if side == "A" else piece.view(G, end - begin, R)
+        for g, path_terms in enumerate(chunk):
+            offset = 0
+            for (_, module, _), r in zip(path_terms, group.ranks):
+                if side == "A":
+                    piece[g, offset : offset + r].copy_(module.A[:, begin:end])
+                else:
+                    piece[g, :, offset : offset + r].copy_(module.B[begin:end])
+                offset += r
+        yield slice(begin, end), piece
 
 
 def _stack(chunk, ranks, n, m, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

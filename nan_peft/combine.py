@@ -7,12 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import DEFAULT_BATCH_BYTES, Term, batches
+from .batching import (
+    CPU_CHUNK_BYTES, DEFAULT_BATCH_BYTES, Group, Term, _stack, chunk_bytes, groups, modules_per_piece, stacked_chunks,
+)
 from .coefficients import Coefficients
 from .errors import NanPeftError
-from .gram import pad_rank, tail_energy, truncate_dense, truncate_low_rank
+from .gram import canonical_signs, pad_rank, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
 from .lora import LoraAdapter, LoraModule
-from .norms import UpdateGram
+from .norms import UpdateGram, factor_grams
 from .rules import LOW_RANK, RULES, module_generator, rule_options
 
 COMBINES = ("cat", "svd")
@@ -113,25 +115,94 @@ def _cat(terms, norms, rank, dtype):
         raise NanPeftError(f"cat is exact and needs rank >= {needed} (the sum of the ranks); use svd to truncate to {rank}")
     rank = rank or needed
     merged, report = {}, []
+    buffer = torch.empty(CPU_CHUNK_BYTES // 8, dtype=torch.float64)
     for path, path_terms in terms.items():
-        B, A = pad_rank(*stacked_factors(path_terms), rank)
-        merged[path] = _like(path_terms[0][1], A.to(dtype), B.to(dtype), path)
+        B, A = _cat_factors(path_terms, rank, dtype, buffer)
+        merged[path] = _like(path_terms[0][1], A, B, path)
         report.append(ModuleReport(path, input_ranks[path], input_ranks[path], norms[path], 0.0))
     return merged, report
 
 
+def _cat_factors(terms: Sequence[Term], rank: int, dtype: torch.dtype, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pad_rank(*stacked_factors(terms), rank) cast to `dtype`, the same numbers, written straight into the
+    output: each w_k B_k is formed in float64 a piece at a time in `buffer` (cache-sized) and rounded once."""
+    m, n = terms[0][1].B.shape[0], terms[0][1].A.shape[1]
+    A = torch.zeros((rank, n), dtype=dtype)
+    B = torch.zeros((m, rank), dtype=dtype)
+    offset = 0
+    for _, module, weight in terms:
+        r = module.rank
+        A[offset : offset + r].copy_(module.A)
+        step = max(1, buffer.numel() // r)
+        for begin in range(0, m, step):
+            rows = module.B[begin : begin + step]
+            B[begin : begin + step, offset : offset + r].copy_(buffer[: rows.numel()].view(rows.shape).copy_(rows).mul_(weight))
+        offset += r
+    return B, A
+
+
 def _svd(terms, rank, device, dtype, max_batch_bytes):
+    """Truncate every module's cat form to `rank` from the Gram matrices of its stacked factors
+    (gram.truncation_from_grams): two passes over the factors, converted to float64 a cache-sized piece at a
+    time, no QR of the tall stacks, and the small R x R algebra batched over a whole group of same-shaped
+    modules. Modules whose Grams are too ill-conditioned for that (rank-deficient stacks: the same adapter
+    twice, more rank than rows) are truncated by QR of their stacks (gram.truncate_low_rank)."""
     merged, report = {}, {}
-    for batch in batches(terms, device, torch.float64, max_batch_bytes):
-        B, A, S = truncate_low_rank(batch.B, batch.A, rank)
-        B, A, S = B.to("cpu", dtype), A.to("cpu", dtype), S.cpu()
+    piece_bytes = min(chunk_bytes(device), max_batch_bytes)
+    buffer = torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
+    for group in groups(terms):
+        B, A, S = _truncate_group(group, rank, dtype, buffer)
+        for g in (~torch.isfinite(S).all(-1)).nonzero().flatten().tolist():  # marked ill-conditioned: QR
+            path = group.paths[g]
+            A_full, B_full = _stack([terms[path]], group.ranks, group.n, group.m, device, torch.float64)
+            B_qr, A_qr, singular = (x[0] for x in truncate_low_rank(B_full, A_full, rank))
+            B[g], A[g] = B_qr.to("cpu", dtype), A_qr.to("cpu", dtype)
+            S[g] = torch.nn.functional.pad(singular.cpu(), (0, S.shape[-1] - singular.shape[-1]))
         norms, discarded = S.square().sum(-1).sqrt().tolist(), tail_energy(S, rank).tolist()
         kept = (S[:, :rank] > 0).sum(-1).tolist()
-        for g, path in enumerate(batch.paths):
+        for g, path in enumerate(group.paths):
             merged[path] = _like(terms[path][0][1], A[g], B[g], path)
-            report[path] = ModuleReport(path, sum(batch.ranks), kept[g], norms[g], discarded[g])
+            report[path] = ModuleReport(path, group.rank, kept[g], norms[g], discarded[g])
     paths = sorted(merged)
     return {p: merged[p] for p in paths}, [report[p] for p in paths]
+
+
+def _truncate_group(group: Group, rank: int, dtype: torch.dtype, buffer: torch.Tensor):
+    """(B_r (G, m, rank), A_r (G, rank, n)) in `dtype` on the CPU and S (G, R) float64 for every module of the
+    group, by truncation_from_grams; S is NaN where that was not accurate enough (the caller uses QR there).
+
+    Pass 1 sums the Grams piece by piece; the R x R algebra runs once for the group; pass 2 forms
+    B_r = B Pb piece by piece and picks canonical signs (gram.canonical_signs: the largest entry of each
+    column of B_r positive) as it goes; pass 3 forms A_r = Pa A with those signs."""
+    G, m, n = len(group.paths), group.m, group.n
+    step = modules_per_piece(group, buffer.element_size(), buffer.numel() * buffer.element_size())
+    starts = range(0, G, step)
+    grams = [factor_grams(group, buffer, start, start + step) for start in starts]
+    weights = group.weights(device=buffer.device)  # B = [w_1 B_1 | ...]: scale B^T B, then Pb's rows
+    BtB = torch.cat([BtB for _, BtB in grams]) * weights.unsqueeze(-1) * weights.unsqueeze(-2)
+    Pb, Pa, S, ok = truncation_from_grams(torch.cat([AAt for AAt, _ in grams]), BtB, rank)
+    Pb = Pb * weights.unsqueeze(-1)
+    k = Pb.shape[-1]
+    allocate = torch.zeros if k < rank else torch.empty
+    B, A = allocate((G, m, rank), dtype=dtype), allocate((G, rank, n), dtype=dtype)
+    largest = buffer.new_full((G, k), -1.0)
+    sign = buffer.new_ones((G, k))
+    for start in starts:
+        stop = start + step
+        for rows, piece in stacked_chunks(group, "B", buffer, start, stop):
+            product = torch.bmm(piece, Pb[start:stop])
+            size, where = product.abs().max(dim=-2)
+            better = size > largest[start:stop]
+            largest[start:stop] = torch.where(better, size, largest[start:stop])
+            found = torch.gather(product, -2, where.unsqueeze(-2)).squeeze(-2)
+            sign[start:stop] = torch.where(better, torch.where(found < 0, -1.0, 1.0), sign[start:stop])
+            B[start:stop, rows, :k] = product
+    B[..., :k] *= sign.unsqueeze(-2).to("cpu", dtype)
+    Pa = Pa * sign.unsqueeze(-1)
+    for start in starts:
+        for columns, piece in stacked_chunks(group, "A", buffer, start, start + step):
+            A[start : start + step, :k, columns] = torch.bmm(Pa[start : start + step], piece)
+    return B, A, torch.where(ok.unsqueeze(-1), S, torch.nan).cpu()
 
 
 def dense_updates(

@@ -4,8 +4,10 @@ transformers model (safetensors shards, index, config and tokenizer files).
 Two paths, one plan. The plan (`plan_fold`) reads only headers and config: which checkpoint tensor each adapted
 module updates, their shapes, the tied weights that must be written apart. Then either
 - streaming (default): shard by shard, tensor by tensor. Untouched tensors are copied byte for byte; a touched
-  one is read, added to (float32 on `device`, one cast back to its dtype) and written. Memory stays about one
-  tensor plus its update, so a model larger than RAM folds on a small machine;
+  one is read, added to (float32 on `device`, one cast back to its dtype) and written. A plain weighted sum
+  (task arithmetic) is added from its factors a block of rows at a time (W_rows += B_rows @ A, one addmm in
+  reused, cache-sized buffers); the entry-wise rules need each whole update. Memory stays about one tensor
+  plus its update at most, so a model larger than RAM folds on a small machine;
 - placement (`device_map`): the model is loaded with transformers and accelerate over the GPUs and the CPU,
   each update is added on the device that holds its weight, and the model is saved. Disk offload is refused.
 
@@ -21,15 +23,17 @@ import re
 import shutil
 import struct
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .combine import dense_updates
+from .combine import dense_updates, stacked_factors, weighted_terms
 from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraModule
+from .rules import LOW_RANK
 from .writer import check_file_names, publish_folder, write_files
 
 if TYPE_CHECKING:
@@ -448,9 +452,16 @@ def module_update(
 def _write_streaming(plan: FoldPlan, result: MergeResult, rule: str, options: Mapping, device, tmp: Path) -> None:
     checkpoint = plan.checkpoint
     weight_map, total_size = {}, 0
-    for file, names in plan.layout.items():
-        total_size += _write_shard(plan, file, names, result, rule, options, device, tmp / file)
-        weight_map.update(dict.fromkeys(names, file))
+    # Each written shard is flushed to disk in the background while the next one is computed, so that the
+    # publish's final fsync (writer.publish_folder) finds little left to write.
+    with ThreadPoolExecutor(max_workers=1) as flusher:
+        flushed = []
+        for file, names in plan.layout.items():
+            total_size += _write_shard(plan, file, names, result, rule, options, device, tmp / file)
+            weight_map.update(dict.fromkeys(names, file))
+            flushed.append(flusher.submit(_flush, tmp / file))
+        for done in flushed:
+            done.result()
     if checkpoint.sharded:
         metadata = dict(checkpoint.index_metadata)
         metadata["total_size"] = total_size
@@ -476,6 +487,7 @@ def _write_shard(plan, file, names, result, rule, options, device, target: Path)
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    buffers = _Buffers(device)
     with open(checkpoint.folder / file, "rb", buffering=0) as source, open(target, "wb", buffering=0) as out:
         _write_all(out.fileno(), struct.pack("<Q", len(raw)) + raw)
         for name in order:
@@ -483,11 +495,88 @@ def _write_shard(plan, file, names, result, rule, options, device, target: Path)
             if name not in plan.targets:
                 _copy_range(source.fileno(), out.fileno(), entry.begin, entry.end - entry.begin, checkpoint.folder / file)
                 continue
-            delta = _float_delta(plan, result, plan.targets[name], rule, options, device)
+            path = plan.targets[name]
+            if rule in LOW_RANK:  # a plain weighted sum: added from the factors, a block of rows at a time
+                factors = row_factors(result, path, plan.modules[path], options, device)
+                _write_folded_rows(source.fileno(), out.fileno(), entry, factors, buffers, checkpoint.folder / file)
+                continue
+            delta = _float_delta(plan, result, path, rule, options, device)
             folded = folded_weight(_read_tensor(source.fileno(), entry, checkpoint.folder / file), delta).cpu().contiguous()
             del delta
             _write_all(out.fileno(), folded.reshape(-1).view(torch.uint8).numpy().data)
     return offset
+
+
+# Rows of a weight folded at a time by the low-rank path: the read, float32 and written pieces stay in cache.
+FOLD_CHUNK_BYTES = 4 * 2**20
+
+
+class _Buffers:
+    """Reusable pieces for _write_folded_rows (fresh memory costs page faults, reused memory does not)."""
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+        self.raw = torch.empty(FOLD_CHUNK_BYTES, dtype=torch.uint8)
+        self.work = torch.empty(FOLD_CHUNK_BYTES // 4, dtype=torch.float32, device=self.device)
+
+    def fit(self, elements: int) -> None:
+        """Grow the buffers to hold `elements` float32 values (a row longer than FOLD_CHUNK_BYTES)."""
+        if self.work.numel() < elements:
+            self.raw = torch.empty(elements * 8, dtype=torch.uint8)
+            self.work = torch.empty(elements, dtype=torch.float32, device=self.device)
+
+
+def row_factors(result: MergeResult, path: str, module: LoraModule, options: Mapping, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) in float32 on `device` with left @ right = the module's merged task-arithmetic update in its
+    weight's layout, flattened to (rows, columns): (B, A) of the cat form, or (A^T, B^T) where the weight is the
+    transposed update (Conv1D, embedding)."""
+    coefficients = result.coefficients
+    m = coefficients.modules.index(path)
+    only = replace(coefficients, modules=(path,), values=coefficients.values[m : m + 1])
+    terms = weighted_terms(result.sources, only, options.get("scale", 1.0))[path]
+    B, A = stacked_factors(terms, device, torch.float32)  # as dense_updates(..., dtype=torch.float32) does
+    if module.kind == "embedding" or module.fan_in_fan_out:
+        return A.T.contiguous(), B.T.contiguous()
+    return B, A
+
+
+def _write_folded_rows(source: int, out: int, entry: StoredTensor, factors, buffers: _Buffers, path: Path) -> None:
+    """Write (W + left @ right).to(W.dtype) a block of rows at a time: each block is read into a reusable buffer,
+    widened to float32, added to with one matrix product (addmm: the float32 update is never whole in memory),
+    narrowed back and written. The result is folded_weight's, row block by row block."""
+    left, right = factors
+    rows, columns = entry.shape[0], _numel(entry.shape[1:])
+    dtype, itemsize = FLOATS[entry.dtype], _ITEMSIZE[entry.dtype]
+    step = max(1, min(rows, FOLD_CHUNK_BYTES // (columns * max(itemsize, 4))))
+    buffers.fit(step * columns)
+    for begin in range(0, rows, step):
+        count = min(step, rows - begin)
+        raw = buffers.raw[: count * columns * itemsize]
+        _read_into(source, raw, entry.begin + begin * columns * itemsize, path)
+        weight = raw.view(dtype).view(count, columns)
+        work = buffers.work[: count * columns].view(count, columns)
+        if dtype == torch.float32 and buffers.device.type == "cpu":
+            work = weight  # add in place
+        else:
+            work.copy_(weight)
+        work.addmm_(left[begin : begin + count], right)
+        if work.data_ptr() != weight.data_ptr():
+            weight.copy_(work)
+        _write_all(out, raw.numpy().data)
+
+
+def _flush(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _read_into(fd: int, data: torch.Tensor, offset: int, path: Path) -> None:
+    view, done = memoryview(data.numpy()), 0
+    while done < len(view):
+        read = os.preadv(fd, [view[done:]], offset + done)
+        if read <= 0:
+            raise NanPeftError(f"{path}: truncated while reading")
+        done += read
 
 
 def _read_tensor(fd: int, entry: StoredTensor, path: Path) -> torch.Tensor:

@@ -26,7 +26,12 @@ def gram_inner_products(A: torch.Tensor, B: torch.Tensor, ranks: Sequence[int]) 
     squared norms ||B_k A_k||_F^2. The blocks are summed by index, never multiplied by 0, so one Inf stays
     in its own entries.
     """
-    products = (A @ A.mT) * (B.mT @ B)
+    return inner_products_from_grams(A @ A.mT, B.mT @ B, ranks)
+
+
+def inner_products_from_grams(AAt: torch.Tensor, BtB: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """gram_inner_products from the Gram matrices A A^T and B^T B (..., R, R) of the stacked factors."""
+    products = AAt * BtB
     owner = rank_owner(ranks, products.device)
     shape = products.shape[:-2]
     rows = products.new_zeros((*shape, len(ranks), products.shape[-1])).index_add_(-2, owner, products)
@@ -44,6 +49,58 @@ def low_rank_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.
     U, S, Vh = torch.linalg.svd(Rb @ Ra.mT, full_matrices=False)
     L, Rt = canonical_signs(Qb @ U, Vh @ Qa.mT)
     return L, S, Rt
+
+
+# truncation_from_grams trusts a Cholesky factor of an equilibrated Gram matrix up to this condition number
+# bound; its orthogonality error is then below about 1e7 * 2.2e-16, far below the 1e-6 asked of a truncation.
+MAX_GRAM_CONDITION = 1e7
+
+
+def truncation_from_grams(
+    AAt: torch.Tensor, BtB: torch.Tensor, rank: int, max_condition: float = MAX_GRAM_CONDITION
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """low_rank_svd from the Gram matrices alone (Cholesky QR): projections (Pb, Pa) such that B_r = B @ Pb
+    and A_r = Pa @ A are split_singular's factors of the best rank-`rank` approximation of B @ A.
+
+    AAt = A A^T and BtB = B^T B are (..., R, R). With the Jacobi-scaled Cholesky factors AAt = La La^T and
+    BtB = Lb Lb^T, A^T = Qa La^T and B = Qb Lb^T for orthonormal Qa, Qb never formed, so B A = Qb (Lb^T La) Qa^T
+    and the SVD of the R x R core Lb^T La = U S V^T gives L = B Lb^-T U and Rt = V^T La^-1 A. Cost: the Grams,
+    O((m + n) R^2), plus two thin products, O((m + n) R rank): no QR of the tall factors. Returns
+    (Pb (..., R, k), Pa (..., k, R), S (..., R), ok (...)), k = min(rank, R). The implied Qa, Qb are
+    orthonormal to about 2.2e-16 times the condition number of the scaled Grams; where a bound of that number
+    exceeds `max_condition` (or a Gram is singular: a zero row, the same adapter twice, R above m or n)
+    ok is False and that module's results are not to be used (use truncate_low_rank there).
+    """
+    La, ok_a, scale_a = _scaled_cholesky(AAt, max_condition)
+    Lb, ok_b, scale_b = _scaled_cholesky(BtB, max_condition)
+    ok = ok_a & ok_b
+    # unscaled factors: AAt = (La / scale_a) (La / scale_a)^T, scale = diag(Gram)^-1/2 as a column
+    core = (Lb / scale_b).mT @ (La / scale_a)
+    U, S, Vh = torch.linalg.svd(core, full_matrices=False)
+    k = min(rank, S.shape[-1])
+    root = S[..., :k].sqrt()
+    # L = B (Lb / scale_b)^-T U = B diag(scale_b) Lb^-T U ; Rt = Vh (La / scale_a)^-1 A = Vh La^-1 diag(scale_a) A
+    Pb = scale_b * torch.linalg.solve_triangular(Lb.mT, U[..., :k], upper=True) * root.unsqueeze(-2)
+    Pa = torch.linalg.solve_triangular(La.mT, Vh[..., :k, :].mT, upper=True).mT * scale_a.mT * root.unsqueeze(-1)
+    return Pb, Pa, S, ok
+
+
+def _scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L, ok, scale): L L^T = D gram D with D = diag(scale), scale = diag(gram)^-1/2 as an (..., R, 1) column,
+    and ok where the factorisation succeeded with a condition bound R ||L^-1||_F^2 below max_condition.
+    Where not ok, L is the identity (harmless numbers, to be discarded)."""
+    R = gram.shape[-1]
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    usable = (diagonal > 0) & torch.isfinite(diagonal).all(-1, keepdim=True)
+    scale = torch.where(usable, diagonal, 1.0).rsqrt().unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(gram * scale * scale.mT)
+    eye = torch.eye(R, dtype=gram.dtype, device=gram.device)
+    ok = (info == 0) & usable.all(-1)
+    L = torch.where(ok[..., None, None], L, eye)
+    inverse = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    bound = R * inverse.square().sum((-2, -1))
+    ok = ok & torch.isfinite(bound) & (bound < max_condition)
+    return torch.where(ok[..., None, None], L, eye), ok, scale
 
 
 def canonical_signs(L: torch.Tensor, Rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import DEFAULT_BATCH_BYTES, batches
-from .gram import gram_inner_products
+from .batching import DEFAULT_BATCH_BYTES, Group, chunk_bytes, groups, modules_per_piece, stacked_chunks
+from .gram import inner_products_from_grams
 from .errors import NanPeftError
 from .lora import LoraAdapter
 
@@ -60,8 +60,11 @@ def update_gram(
 ) -> UpdateGram:
     """Compute every <dW_i, dW_j>_F at every module, dW_k = s_k B_k A_k, in float64 on `device`.
 
-    Modules of the same shape and the same set of adapters are stacked and handled by one batched Gram
-    product, so a 7B-sized adapter costs a handful of kernels, not one per module.
+    Modules of the same shape and the same set of adapters are stacked and handled by batched Gram products,
+    so a 7B-sized adapter costs a few hundred kernels, not thousands. The stacks are converted to float64 a
+    cache-sized piece at a time (batching.stacked_chunks) and the Grams summed over the pieces: the products
+    of the factors' entries are exact in float64 and every sum is a float64 sum. max_batch_bytes bounds the
+    float64 buffer (at most the size of a piece that stays in cache on a CPU).
     """
     modules = tuple(sorted({path for adapter in adapters for path in adapter.modules}))
     index = {path: m for m, path in enumerate(modules)}
@@ -71,14 +74,34 @@ def update_gram(
         for path in modules
     }
     inner = torch.zeros((len(modules), K, K), dtype=torch.float64)
-    for batch in batches(terms, device, torch.float64, max_batch_bytes):
-        products = gram_inner_products(batch.A, batch.B, batch.ranks).cpu()
-        rows = torch.tensor([index[p] for p in batch.paths])
-        members = torch.tensor(batch.members)
-        inner[rows[:, None, None], members[None, :, None], members[None, None, :]] = products
+    piece_bytes = min(chunk_bytes(device), max_batch_bytes)
+    buffer = torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
+    for group in groups(terms):
+        step = modules_per_piece(group, 8, piece_bytes)
+        for start in range(0, len(group.paths), step):
+            AAt, BtB = factor_grams(group, buffer, start, start + step)
+            weights = group.weights(device=device)[start : start + step]
+            BtB *= weights.unsqueeze(-1) * weights.unsqueeze(-2)
+            products = inner_products_from_grams(AAt, BtB, group.ranks).cpu()
+            rows = torch.tensor([index[p] for p in group.paths[start : start + step]])
+            members = torch.tensor(group.members)
+            inner[rows[:, None, None], members[None, :, None], members[None, None, :]] = products
     if not torch.isfinite(inner).all():
         bad = ~torch.isfinite(inner.diagonal(dim1=-2, dim2=-1))
         m, k = bad.nonzero()[0].tolist() if bad.any() else (~torch.isfinite(inner)).nonzero()[0, :2].tolist()
         raise NanPeftError(f"the update of {adapters[k].name} at {modules[m]} has a non-finite norm (NaN, Inf or too large)")
     present = torch.tensor([[path in a.modules for a in adapters] for path in modules], dtype=torch.bool).reshape(len(modules), K)
     return UpdateGram(tuple(a.name for a in adapters), modules, inner, present)
+
+
+def factor_grams(group: Group, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A A^T, B^T B), each (G, R, R) in buffer's dtype and device, of the unweighted stacked factors of modules
+    group.paths[start:stop], summed over pieces converted into `buffer` (batching.stacked_chunks)."""
+    G, R = len(group.paths[start:stop]), group.rank
+    AAt = buffer.new_zeros((G, R, R))
+    BtB = buffer.new_zeros((G, R, R))
+    for _, piece in stacked_chunks(group, "A", buffer, start, stop):
+        AAt.baddbmm_(piece, piece.mT)
+    for _, piece in stacked_chunks(group, "B", buffer, start, stop):
+        BtB.baddbmm_(piece.mT, piece)
+    return AAt, BtB
