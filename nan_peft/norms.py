@@ -78,13 +78,13 @@ def update_gram(
     buffer = torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
     for group in groups(terms):
         step = modules_per_piece(group, 8, piece_bytes)
+        weights = group.weights(device=device)
+        members = torch.tensor(group.members)
         for start in range(0, len(group.paths), step):
             AAt, BtB = factor_grams(group, buffer, start, start + step)
-            weights = group.weights(device=device)[start : start + step]
-            BtB *= weights.unsqueeze(-1) * weights.unsqueeze(-2)
+            BtB *= weights[start : start + step, :, None] * weights[start : start + step, None, :]
             products = inner_products_from_grams(AAt, BtB, group.ranks).cpu()
             rows = torch.tensor([index[p] for p in group.paths[start : start + step]])
-            members = torch.tensor(group.members)
             inner[rows[:, None, None], members[None, :, None], members[None, None, :]] = products
     if not torch.isfinite(inner).all():
         bad = ~torch.isfinite(inner.diagonal(dim1=-2, dim2=-1))
