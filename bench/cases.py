@@ -1,0 +1,300 @@
+"""The benchmark cases. Each builds its inputs from its parameters and returns a Case: named contenders timed
+side by side (bench.measure.interleaved), and a check that they computed the same thing. A case runs in a fresh
+process (bench.worker); its peak memory is measured contender by contender, each in a process of its own.
+
+Parameters common to every case: shape (bench.synthetic.SHAPES), r, count (adapters), device, baseline (a
+folder holding an older nan_peft package to time beside the current one, or None).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .synthetic import ATTENTION, PROJECTIONS, SHAPES, lora_adapters, peft_model
+
+WEIGHTS = (0.5, 0.3, 0.2, 0.1, 0.1, 0.1)  # manual weights given to peft and nan-peft alike
+
+
+@dataclass
+class Case:
+    contenders: dict[str, Callable[[], object]]
+    """name -> the measured call."""
+    setup: dict[str, Callable[[], object]] = field(default_factory=dict)
+    """name -> an untimed call before each measured one (removing a previous output)."""
+    info: dict = field(default_factory=dict)
+    """What the inputs were (sizes, flops), filled in by the case."""
+    check: Callable[[], dict] | None = None
+    """Run after timing: how far the contenders' results are from each other."""
+    warmup: tuple[str, ...] | None = None
+    """Contenders to call once, untimed, before timing (None: all)."""
+    cleanup: Callable[[], None] | None = None
+
+
+def baseline_package(folder: str | None):
+    """The nan_peft package found in `folder` imported as nan_peft_baseline (None without a folder)."""
+    if not folder:
+        return None
+    if "nan_peft_baseline" in sys.modules:
+        return sys.modules["nan_peft_baseline"]
+    init = Path(folder) / "nan_peft" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("nan_peft_baseline", init, submodule_search_locations=[str(init.parent)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["nan_peft_baseline"] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def _submodule(package, name: str):
+    return importlib.import_module(f"{package.__name__}.{name}")
+
+
+def rewrap(adapters, package):
+    """The same adapters (the same tensors) as instances of `package`'s own LoraAdapter and LoraModule."""
+    lora = _submodule(package, "lora")
+    return [
+        lora.LoraAdapter(a.name, a.source, a.config, {p: lora.LoraModule(m.A, m.B, m.scale) for p, m in a.modules.items()})
+        for a in adapters
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Norms: the Gram path against forming each dense update, the read floor and the float64 compute floor
+
+
+def norms(params: Mapping) -> Case:
+    shape, r, count, device = SHAPES[params["shape"]], params["r"], params.get("count", 3), params.get("device", "cpu")
+    dense_layers = params.get("dense_layers", 1)
+    import nan_peft
+    from nan_peft.norms import update_gram
+
+    adapters = lora_adapters(shape, r, count)
+    subset = lora_adapters(shape, r, count, layers=dense_layers)
+    tensors = [t for a in adapters for m in a.modules.values() for t in (m.A, m.B)]
+    contenders = {
+        "read floor (sum of every tensor)": lambda: [t.sum() for t in tensors],
+        "read floor (sum of every tensor), 1 thread": lambda: _one_thread(lambda: [t.sum() for t in tensors]),
+        "nan-peft update_gram": lambda: update_gram(adapters, device),
+    }
+    baseline = baseline_package(params.get("baseline"))
+    if baseline is not None:
+        old, theirs = _submodule(baseline, "norms").update_gram, rewrap(adapters, baseline)
+        contenders["nan-peft update_gram (before)"] = lambda: old(theirs, device)
+    contenders[f"nan-peft update_gram, {dense_layers} layer(s)"] = lambda: update_gram(subset, device)
+    contenders[f"dense B@A float32, {dense_layers} layer(s)"] = lambda: dense_inner_products(subset, device)
+    contenders["float64 GEMM rate probe"] = _gemm_probe(device)
+
+    flops = sum(2 * sum(m.rank for m in ms) ** 2 * (ms[0].A.shape[1] + ms[0].B.shape[0]) for ms in _by_module(adapters))
+
+    def check() -> dict:
+        ours = nan_peft.update_gram(subset, device).inner
+        dense = dense_inner_products(subset, device, torch.float64)
+        scale = ours.diagonal(dim1=-2, dim2=-1).amax()
+        return {"max |gram - dense float64| / max norm^2": float((ours - dense).abs().max() / scale)}
+
+    info = {
+        "bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "modules": len(adapters[0].modules),
+        "gram_flops": flops,
+        "probe_flops": _PROBE_FLOPS,
+        "dense_layers": dense_layers,
+    }
+    return Case(contenders, info=info, check=check)
+
+
+def _one_thread(function):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def dense_inner_products(adapters, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The plain way: every dense update s B A formed, then all K x K Frobenius inner products, per module."""
+    out = []
+    for modules in _by_module(adapters):
+        flat = torch.stack([(m.scale * (m.B.to(device, dtype) @ m.A.to(device, dtype))).reshape(-1) for m in modules])
+        out.append((flat @ flat.T).to("cpu", torch.float64))
+    return torch.stack(out)
+
+
+def _by_module(adapters):
+    return [[a.modules[path] for a in adapters] for path in sorted(adapters[0].modules)]
+
+
+_PROBE_FLOPS = 2 * 8 * 48 * 48 * 4096 * 10
+
+
+def _gemm_probe(device, dtype=torch.float64):
+    """The compute floor: a batched product of the Gram's shape (A A^T, R = 48, n = 4096) on data in cache,
+    _PROBE_FLOPS of them; float64 as the Grams, float32 as the fold's B @ A."""
+    piece = torch.randn(8, 48, 4096, dtype=dtype, device=device)
+    out = torch.zeros(8, 48, 48, dtype=dtype, device=device)
+
+    def probe():
+        for _ in range(10):
+            out.baddbmm_(piece, piece.mT)
+
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Merging to rank r (svd) and cat: nan-peft against peft's add_weighted_adapter on the same adapters
+
+
+def merge(params: Mapping) -> Case:
+    """combine svd or cat (params["combine"]) on `layers` layers of `projections`."""
+    shape, r, count = SHAPES[params["shape"]], params["r"], params.get("count", 3)
+    combine, device = params["combine"], params.get("device", "cpu")
+    projections, layers = tuple(params.get("projections", ATTENTION)), params.get("layers", 1)
+    weights = list(WEIGHTS[:count])
+    rank = params.get("rank", r) if combine == "svd" else None
+    import nan_peft
+    from nan_peft.coefficients import coefficients_for
+    from nan_peft.combine import combine as combine_updates
+
+    adapters = lora_adapters(shape, r, count, projections, layers)
+    model = peft_model(shape, r, count, projections, layers)
+    names = [a.name for a in adapters]
+    gram = nan_peft.update_gram(adapters, device)
+    coefficients = coefficients_for("manual", gram, weights=weights)
+    options = {"combine": combine, "rank": rank, "coefficients": weights, "device": device}
+    results = {}
+
+    def ours():
+        results["nan-peft"] = nan_peft.merge_adapters(adapters, **options)
+
+    def peft_merge():
+        if "merged" in model.peft_config:
+            model.delete_adapter("merged")
+        model.add_weighted_adapter(names, weights, "merged", combination_type=combine, svd_rank=rank)
+
+    contenders = {f"nan-peft merge_adapters {combine}": ours}
+    baseline = baseline_package(params.get("baseline"))
+    if baseline is not None:
+        theirs = rewrap(adapters, baseline)
+        contenders[f"nan-peft merge_adapters {combine} (before)"] = lambda: baseline.merge_adapters(theirs, **options)
+    contenders[f"nan-peft combine only {combine}"] = lambda: combine_updates(adapters, coefficients, gram, combine, rank, device)
+    contenders[f"peft add_weighted_adapter {combine}"] = peft_merge
+
+    def check() -> dict:
+        if "merged" not in model.peft_config:
+            peft_merge()
+        worst = 0.0
+        for path, module in list(results["nan-peft"].adapter.modules.items())[:4]:
+            layer = model.base_model.model.get_submodule(path)
+            theirs = layer.get_delta_weight("merged").double()
+            mine = module.scale * (module.B.double() @ module.A.double())
+            worst = max(worst, float((theirs - mine).norm() / mine.norm()))
+        return {"max relative difference from peft's merge": worst}
+
+    info = {
+        "modules": len(adapters[0].modules),
+        "module_shapes": sorted({f"{m.B.shape[0]}x{m.A.shape[1]}" for m in adapters[0].modules.values()}),
+        "rank": rank,
+        "weights": weights,
+    }
+    warmup = None if combine == "cat" else tuple(name for name in contenders if not name.startswith("peft"))
+    return Case(contenders, info=info, check=check, warmup=warmup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Fold: the merged update folded into a base checkpoint, against copying the checkpoint and mergekit
+
+
+def fold(params: Mapping) -> Case:
+    """params: base (a checkpoint folder), adapters (peft folders), scratch (a folder for outputs)."""
+    from safetensors.torch import load_file, save_file
+
+    import nan_peft
+
+    base, scratch = Path(params["base"]), Path(params["scratch"])
+    adapters, device = [Path(p) for p in params["adapters"]], params.get("device", "cpu")
+    result = nan_peft.merge_adapters([str(p) for p in adapters], device=device)
+    single = nan_peft.merge_adapters([str(adapters[0])], device=device)
+    outputs = {}
+
+    def output(name: str) -> Path:
+        """A fresh output folder, and no dirty pages left by earlier contenders to be written during this one."""
+        folder = scratch / name
+        shutil.rmtree(folder, ignore_errors=True)
+        os.sync()
+        outputs[name] = folder
+        return folder
+
+    def safetensors_copy(name: str = "copy", durable: bool = False):
+        target = outputs[name]
+        target.mkdir(parents=True)
+        for file in sorted(base.glob("*.safetensors")):
+            save_file(load_file(file), target / file.name, metadata={"format": "pt"})
+        for file in base.iterdir():
+            if not file.name.endswith(".safetensors"):
+                shutil.copyfile(file, target / file.name)
+        if durable:  # what nan-peft's atomic publish does before renaming its output into place
+            for file in target.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+
+    def kernel_copy():
+        shutil.copytree(base, outputs["cp"])
+
+    contenders = {
+        "safetensors load + save copy": safetensors_copy,
+        "safetensors load + save copy, fsynced": lambda: safetensors_copy("copy-synced", durable=True),
+        "file copy (shutil.copytree)": kernel_copy,
+        "nan-peft fold_into, 3 adapters": lambda: result.fold_into(base, outputs["fold3"], device=device),
+        "nan-peft fold_into, 1 adapter": lambda: single.fold_into(base, outputs["fold1"], device=device),
+    }
+    setup = {
+        "safetensors load + save copy": lambda: output("copy"),
+        "safetensors load + save copy, fsynced": lambda: output("copy-synced"),
+        "file copy (shutil.copytree)": lambda: output("cp"),
+        "nan-peft fold_into, 3 adapters": lambda: output("fold3"),
+        "nan-peft fold_into, 1 adapter": lambda: output("fold1"),
+    }
+    baseline = baseline_package(params.get("baseline"))
+    if baseline is not None:
+        before = baseline.merge_adapters([str(p) for p in adapters], device=device)
+        contenders["nan-peft fold_into, 3 adapters (before)"] = lambda: before.fold_into(base, outputs["fold3-before"], device=device)
+        setup["nan-peft fold_into, 3 adapters (before)"] = lambda: output("fold3-before")
+
+    def check() -> dict:
+        from safetensors import safe_open
+
+        if "fold3-before" not in outputs or not outputs["fold3-before"].exists():
+            return {}
+        worst = 0.0
+        for file in sorted(outputs["fold3"].glob("*.safetensors")):
+            with safe_open(file, "pt") as new, safe_open(outputs["fold3-before"] / file.name, "pt") as old:
+                for key in new.keys():
+                    a, b = new.get_tensor(key).float(), old.get_tensor(key).float()
+                    worst = max(worst, float((a - b).abs().max()))
+        return {"max |fold - fold before|": worst}
+
+    contenders["float32 GEMM rate probe"] = _gemm_probe(device, torch.float32)
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    touched = SHAPES[params["shape"]].parameters()  # the adapters adapt every projection of every layer
+    info = {"model_bytes": size, "fold_flops": 2 * params["r"] * len(adapters) * touched, "probe_flops": _PROBE_FLOPS}
+    return Case(contenders, setup=setup, info=info, check=check, cleanup=lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+
+CASES = {"norms": norms, "merge": merge, "fold": fold}
+
+
+def scratch_folder(root: str | None = None) -> Path:
+    return Path(tempfile.mkdtemp(prefix="nan-peft-bench-", dir=root))
+
+
+def dumps(value) -> str:
+    return json.dumps(value, sort_keys=True)
