@@ -91,7 +91,7 @@ def norms(params: Mapping) -> Case:
         contenders["nan-peft update_gram (before)"] = lambda: old(theirs, device)
     contenders[f"nan-peft update_gram, {dense_layers} layer(s)"] = lambda: update_gram(subset, device)
     contenders[f"dense B@A float32, {dense_layers} layer(s)"] = lambda: dense_inner_products(subset, device)
-    contenders["float64 GEMM rate probe"] = _gemm_probe(device)
+    contenders["float64 GEMM rate probe"] = _gemm_probe(device, count * r)
 
     flops = sum(2 * sum(m.rank for m in ms) ** 2 * (ms[0].A.shape[1] + ms[0].B.shape[0]) for ms in _by_module(adapters))
 
@@ -105,7 +105,7 @@ def norms(params: Mapping) -> Case:
         "bytes": sum(t.numel() * t.element_size() for t in tensors),
         "modules": len(adapters[0].modules),
         "gram_flops": flops,
-        "probe_flops": _PROBE_FLOPS,
+        "probe_flops": probe_flops(count * r),
         "dense_layers": dense_layers,
     }
     return Case(contenders, info=info, check=check)
@@ -133,14 +133,15 @@ def _by_module(adapters):
     return [[a.modules[path] for a in adapters] for path in sorted(adapters[0].modules)]
 
 
-_PROBE_FLOPS = 2 * 8 * 48 * 48 * 4096 * 10
+def probe_flops(R: int) -> int:
+    return 2 * 4 * R * R * 4096 * 10
 
 
-def _gemm_probe(device, dtype=torch.float64):
-    """The compute floor: a batched product of the Gram's shape (A A^T, R = 48, n = 4096) on data in cache,
-    _PROBE_FLOPS of them; float64 as the Grams, float32 as the fold's B @ A."""
-    piece = torch.randn(8, 48, 4096, dtype=dtype, device=device)
-    out = torch.zeros(8, 48, 48, dtype=dtype, device=device)
+def _gemm_probe(device, R: int, dtype=torch.float64):
+    """The Grams' compute floor: batched products of their shape (A A^T of R x 4096 pieces) on data already in
+    cache, probe_flops(R) of them."""
+    piece = torch.randn(4, R, 4096, dtype=dtype, device=device)
+    out = torch.zeros(4, R, R, dtype=dtype, device=device)
 
     def probe():
         for _ in range(10):
@@ -165,7 +166,8 @@ def merge(params: Mapping) -> Case:
     from nan_peft.combine import combine as combine_updates
 
     adapters = lora_adapters(shape, r, count, projections, layers)
-    model = peft_model(shape, r, count, projections, layers)
+    with_peft = params.get("peft", True)
+    model = peft_model(shape, r, count, projections, layers) if with_peft else None
     names = [a.name for a in adapters]
     gram = nan_peft.update_gram(adapters, device)
     coefficients = coefficients_for("manual", gram, weights=weights)
@@ -186,9 +188,12 @@ def merge(params: Mapping) -> Case:
         theirs = rewrap(adapters, baseline)
         contenders[f"nan-peft merge_adapters {combine} (before)"] = lambda: baseline.merge_adapters(theirs, **options)
     contenders[f"nan-peft combine only {combine}"] = lambda: combine_updates(adapters, coefficients, gram, combine, rank, device)
-    contenders[f"peft add_weighted_adapter {combine}"] = peft_merge
+    if with_peft:
+        contenders[f"peft add_weighted_adapter {combine}"] = peft_merge
 
     def check() -> dict:
+        if not with_peft:
+            return {}
         if "merged" not in model.peft_config:
             peft_merge()
         worst = 0.0
@@ -211,6 +216,23 @@ def merge(params: Mapping) -> Case:
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Fold: the merged update folded into a base checkpoint, against copying the checkpoint and mergekit
+
+
+def update_probe_flops(R: int) -> int:
+    return 2 * 256 * R * 4096 * 40
+
+
+def _update_probe(device, R: int):
+    """The fold's arithmetic floor: W_rows += B_rows @ A in float32 (256 x R times R x 4096 blocks) in cache."""
+    left = torch.randn(256, R, device=device)
+    right = torch.randn(R, 4096, device=device)
+    out = torch.zeros(256, 4096, device=device)
+
+    def probe():
+        for _ in range(40):
+            out.addmm_(left, right)
+
+    return probe
 
 
 def fold(params: Mapping) -> Case:
@@ -282,10 +304,11 @@ def fold(params: Mapping) -> Case:
                     worst = max(worst, float((a - b).abs().max()))
         return {"max |fold - fold before|": worst}
 
-    contenders["float32 GEMM rate probe"] = _gemm_probe(device, torch.float32)
+    contenders["float32 GEMM rate probe"] = _update_probe(device, params["r"] * len(adapters))
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     touched = SHAPES[params["shape"]].parameters()  # the adapters adapt every projection of every layer
-    info = {"model_bytes": size, "fold_flops": 2 * params["r"] * len(adapters) * touched, "probe_flops": _PROBE_FLOPS}
+    total_rank = params["r"] * len(adapters)
+    info = {"model_bytes": size, "fold_flops": 2 * total_rank * touched, "probe_flops": update_probe_flops(total_rank)}
     return Case(contenders, setup=setup, info=info, check=check, cleanup=lambda: shutil.rmtree(scratch, ignore_errors=True))
 
 

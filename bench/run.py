@@ -53,6 +53,10 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
             out["svd"].append({"label": f"{shape} r={r}, 3 adapters, {len(projections)} module(s) {_width(shape)}, to rank {r}",
                                "case": "merge", "params": {"shape": shape, "r": r, "combine": "svd", "projections": projections,
                                                            "layers": 1, "repeat": slow, "device": device}})
+        if not quick:  # the whole model, nan-peft alone (peft: about 10 s a 4096-wide module here, 224 modules)
+            out["svd"].append({"label": "llama-7b r=16, 3 adapters, all 224 modules, to rank 16 (nan-peft only)", "case": "merge",
+                               "params": {"shape": "llama-7b", "r": 16, "combine": "svd", "projections": list(_all()), "layers": 32,
+                                          "peft": False, "repeat": repeat, "device": device}})
         layers = 1 if quick else 4
         out["cat"].append({"label": f"llama-7b r=16, 3 adapters, {layers} layer(s) x 7 modules", "case": "merge",
                            "params": {"shape": "llama-7b", "r": 16, "combine": "cat", "projections": list(_all()), "layers": layers,

@@ -543,7 +543,8 @@ def row_factors(result: MergeResult, path: str, module: LoraModule, options: Map
 def _write_folded_rows(source: int, out: int, entry: StoredTensor, factors, buffers: _Buffers, path: Path) -> None:
     """Write (W + left @ right).to(W.dtype) a block of rows at a time: each block is read into a reusable buffer,
     widened to float32, added to with one matrix product (addmm: the float32 update is never whole in memory),
-    narrowed back and written. The result is folded_weight's, row block by row block."""
+    narrowed back and written. The result is folded_weight's, row block by row block, up to float32 rounding
+    (the product is accumulated onto W instead of rounded first: an occasional last-bit difference in W.dtype)."""
     left, right = factors
     rows, columns = entry.shape[0], _numel(entry.shape[1:])
     dtype, itemsize = FLOATS[entry.dtype], _ITEMSIZE[entry.dtype]
