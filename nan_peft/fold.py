@@ -33,6 +33,7 @@ import torch
 from .combine import dense_updates, stacked_factors, weighted_terms
 from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraModule
+from .reader import resolve_folder
 from .rules import LOW_RANK
 from .writer import check_file_names, publish_folder, write_files
 
@@ -44,7 +45,6 @@ INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 RULE_OPTIONS = ("density", "scale", "normalize", "seed")
 _CARRIED_SUFFIX = ".base_layer.weight"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Files that hold weights (in any format): never copied into the output, where they would be stale.
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)(\.index\.json)?$")
 # Bytes per element of the safetensors dtypes; a folded weight must be one of FLOATS.
@@ -192,19 +192,11 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 
 def resolve_base(base: str | os.PathLike) -> Path:
     """The base model's folder: a local folder, or a Hub id fetched (weights in safetensors only)."""
-    folder = Path(base)
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise NanPeftError(f"{base}: not a folder (the base model is a folder holding {CONFIG_NAME} and safetensors weights)")
-    if isinstance(base, str) and _HUB_ID.match(base):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(base, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "original/*"]))
-        except Exception as error:  # network, auth, missing repo: one line either way
-            raise NanPeftError(f"{base}: no such folder, and fetching it from the Hub failed ({type(error).__name__})") from None
-    raise NanPeftError(f"{base}: no such folder")
+    return resolve_folder(
+        base,
+        f"the base model is a folder holding {CONFIG_NAME} and safetensors weights",
+        ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "original/*"],
+    )
 
 
 def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:

@@ -124,20 +124,28 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_different_bases: boo
                 )
 
 
-def _resolve(path: str | os.PathLike) -> Path:
+def resolve_folder(path: str | os.PathLike, what: str, **hub_patterns) -> Path:
+    """A local folder, or a Hub id fetched through huggingface_hub (`hub_patterns`: snapshot_download's
+    allow_patterns / ignore_patterns); NanPeftError in one line otherwise. `what` says what the folder holds."""
     folder = Path(path)
     if folder.is_dir():
         return folder
     if folder.exists():
-        raise NanPeftError(f"{path}: not a folder (an adapter is a folder holding {CONFIG_NAME})")
+        raise NanPeftError(f"{path}: not a folder ({what})")
     if isinstance(path, str) and _HUB_ID.match(path):
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(path, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]))
+            return Path(snapshot_download(path, **hub_patterns))
         except Exception as error:  # network, auth, missing repo: one line either way
             raise NanPeftError(f"{path}: no such folder, and fetching it from the Hub failed ({type(error).__name__})") from None
     raise NanPeftError(f"{path}: no such folder")
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    return resolve_folder(
+        path, f"an adapter is a folder holding {CONFIG_NAME}", allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]
+    )
 
 
 _READ_ATTEMPTS = 3
