@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __name__ == "__main__" and not __package__:  # python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
 
 from . import report  # noqa: E402
 from .measure import ROOT, load_average, machine, machine_slug, process_peak, run_worker  # noqa: E402
