@@ -237,6 +237,9 @@ def _update_probe(device, R: int):
 
 def fold(params: Mapping) -> Case:
     """params: base (a checkpoint folder), adapters (peft folders), scratch (a folder for outputs)."""
+    import transformers
+
+    transformers.LlamaForCausalLM  # the fold imports it (tied weights): ~130 MiB of code, kept out of its peak
     from safetensors.torch import load_file, save_file
 
     import nan_peft

@@ -66,7 +66,6 @@ def add_nan_weighted_adapter(
     merged = result.adapter
     state = {k: v for k, v in adapter_state_dict(merged).items() if k not in merged.extras}
     config = adapter_config(merged)
-    config.pop("peft_version", None)
     model.add_adapter(adapter_name, LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
     loaded = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     missing = [key for key in loaded.missing_keys if f".{adapter_name}." in key or key.endswith(f".{adapter_name}")]

@@ -26,6 +26,9 @@ _DIGESTED_CONFIG = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern"
 
 # init_lora_weights values whose training starts from a modified base model: the saved factors are not an
 # update of the original base unless peft converted them on save (it then resets init_lora_weights).
+# peft's TaskType values (tests check them against the installed peft): checking a config against this list
+# instead of importing peft keeps reading free of peft's and transformers' import time.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
@@ -253,9 +256,7 @@ def check_config(config: dict, label: str) -> None:
     if saved and not (isinstance(saved, list) and all(isinstance(n, str) and _MODULE_NAME.fullmatch(n) for n in saved)):
         if not (isinstance(saved, str) and _MODULE_NAME.fullmatch(saved)):
             raise NanPeftError(f"{label}: {CONFIG_NAME} has modules_to_save ({_listed(saved)}); expected a list of module names")
-    from peft import TaskType  # peft imports transformers: only when a config names a task type
-
-    if config.get("task_type") is not None and config["task_type"] not in list(TaskType):
+    if config.get("task_type") is not None and config["task_type"] not in TASK_TYPES:
         raise NanPeftError(f"{label}: {CONFIG_NAME} has task_type={_short(config['task_type'])}, which peft does not know")
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(key) or {}

@@ -63,27 +63,34 @@ def adapter_config(adapter: LoraAdapter, rank: int | None = None) -> dict:
     DoRA, target_modules naming exactly the written modules, and modules_to_save naming the adapter's saved
     full modules (none for an adapter that serving engines must load). A head-less adapter of a task type
     whose peft model class adds the task head to modules_to_save (sequence / token classification, question
-    answering) is written without task_type: peft would otherwise look for a head it does not hold."""
+    answering) is written without task_type: peft would otherwise look for a head it does not hold.
+
+    Only the fields of a plain LoRA are written, with the values peft gives them (tests compare them with
+    peft's LoraConfig): every peft release and serving engine reads them, any field left out takes peft's
+    default, and the file does not depend on which peft is installed (nor does writing import it)."""
     rank = servable_rank(adapter, rank)
     source = adapter.config
-    from peft import LoraConfig  # imports transformers: only when writing
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=sorted(adapter.modules),
-        fan_in_fan_out=any(m.fan_in_fan_out for m in adapter.modules.values()),
-        bias="none",
-        use_rslora=False,
-        use_dora=False,
-        lora_dropout=0.0,
-        task_type=None if source.get("task_type") in _HEAD_TASKS and not adapter.saved else source.get("task_type"),
-        base_model_name_or_path=source.get("base_model_name_or_path"),
-        revision=source.get("revision"),
-        modules_to_save=adapter.saved_modules or None,
-        inference_mode=True,
-    ).to_dict()
-    return {key: sorted(value) if isinstance(value, (set, frozenset)) else value for key, value in config.items()}
+    return {
+        "alpha_pattern": {},
+        "base_model_name_or_path": source.get("base_model_name_or_path"),
+        "bias": "none",
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in adapter.modules.values()),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "modules_to_save": sorted(adapter.saved_modules) or None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": {},
+        "revision": source.get("revision"),
+        "target_modules": sorted(adapter.modules),
+        "task_type": None if source.get("task_type") in _HEAD_TASKS and not adapter.saved else source.get("task_type"),
+        "use_dora": False,
+        "use_rslora": False,
+    }
 
 
 def write_adapter(

@@ -364,6 +364,8 @@ def test_existing_output_needs_overwrite(bases, llama_adapters, tmp_path):
 
 PEAK = r"""
 import json, os, resource, sys
+import transformers
+transformers.LlamaForCausalLM  # the fold imports it (tied weights): ~130 MiB of code, not the fold's data
 from nan_peft import merge_adapters
 from nan_peft.fold import fold_into
 base, out, *adapters = sys.argv[1:]

@@ -192,6 +192,25 @@ def test_written_config_is_servable(llama_adapters, tmp_path):
     assert {t.shape[0] for k, t in state.items() if "lora_A" in k or "lora_embedding_A" in k} == {16}
 
 
+def test_written_config_is_what_peft_makes_of_it(llama_adapters, tmp_path):
+    """The config is written without importing peft: every field must be one peft knows, with the value peft's
+    own LoraConfig gives it, and the checked task types must be peft's."""
+    from peft import LoraConfig, PeftConfig, TaskType
+
+    from nan_peft.reader import TASK_TYPES
+
+    assert set(TASK_TYPES) == {t.value for t in TaskType}
+    merge_adapters(llama_adapters, combine="svd", rank=16).save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    def as_json(config):
+        return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+
+    peft_dict = as_json(LoraConfig(**{k: v for k, v in written.items() if k != "peft_type"}))
+    assert {k: peft_dict[k] for k in written} == written
+    loaded = as_json(PeftConfig.from_pretrained(tmp_path / "out"))
+    assert {k: loaded[k] for k in written} == written
+
+
 def test_overwrite_needs_permission_and_replaces(llama_adapters, tmp_path):
     out = tmp_path / "out"
     merge_adapters(llama_adapters[:2]).save_pretrained(out)
