@@ -68,7 +68,8 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
                        "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
     fold_shape = "small" if quick else "fold"
     out["fold"].append({"label": f"{fold_shape} bfloat16 base, 3 adapters r=16 on all 7 projections", "case": "fold",
-                        "params": {"shape": fold_shape, "r": 16, "repeat": slow, "device": devices[0]}})
+                        "params": {"shape": fold_shape, "r": 16, "repeat": 2 * repeat - 1, "commands_repeat": slow,
+                                   "device": devices[0]}})  # many repetitions: fsync times swing with the neighbours
     return out
 
 
@@ -262,7 +263,7 @@ def _fold_commands(root: Path, adapter: str, params: dict, mergekit: str | None)
     else:
         notes["mergekit"] = "not installed: skipped (pass --mergekit PYTHON, an interpreter that has it)"
     runs: dict[str, list[dict]] = {name: [] for name in commands}
-    for _ in range(params.get("repeat", 3)):
+    for _ in range(params.get("commands_repeat", 3)):
         for name, (command, outputs) in commands.items():
             for stale in outputs:
                 shutil.rmtree(root / stale, ignore_errors=True)
