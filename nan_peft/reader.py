@@ -24,11 +24,11 @@ CHECKSUM_KEY = "nan_peft.sha256"
 """Safetensors metadata entry holding content_digest(); written by nan-peft, checked on read when present."""
 _DIGESTED_CONFIG = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
 
-# init_lora_weights values whose training starts from a modified base model: the saved factors are not an
-# update of the original base unless peft converted them on save (it then resets init_lora_weights).
 # peft's TaskType values (tests check them against the installed peft): checking a config against this list
 # instead of importing peft keeps reading free of peft's and transformers' import time.
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# init_lora_weights values whose training starts from a modified base model: the saved factors are not an
+# update of the original base unless peft converted them on save (it then resets init_lora_weights).
 _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
