@@ -128,6 +128,11 @@ def one_line(section: str, entry: Mapping) -> str:
     return ", ".join(f"{k} {_number(v)}" for k, v in list(shown.items())[:4]) or "done"
 
 
+def _miss(margin: float) -> str:
+    """How far past its limit a measured value is: a percentage below 2x, a factor above."""
+    return f"{(margin - 1) * 100:.0f}%" if margin < 2 else f"{margin:.1f}x"
+
+
 def _number(value) -> str:
     if value is None:
         return "-"
@@ -180,7 +185,7 @@ def markdown(results: Mapping) -> str:
         "|---|---|---:|---:|---|",
     ]
     for t in results.get("targets", []):
-        verdict = "yes" if t["met"] else f"**no**, missed by {t['margin']:.1f}x"
+        verdict = "yes" if t["met"] else f"**no**, missed by {_miss(t['margin'])}"
         lines.append(f"| {t['target']} | {t['case']} | {_number(t['value'])} | {_number(t['limit'])} | {verdict} |")
     for section, entries in results.get("sections", {}).items():
         lines += ["", f"## {TITLES.get(section, section)}", ""]
