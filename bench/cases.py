@@ -77,14 +77,13 @@ def norms(params: Mapping) -> Case:
     import nan_peft
     from nan_peft.norms import update_gram
 
-    adapters = lora_adapters(shape, r, count)
-    subset = lora_adapters(shape, r, count, layers=dense_layers)
+    adapters = lora_adapters(shape, r, count, device=device)
+    subset = lora_adapters(shape, r, count, layers=dense_layers, device=device)
     tensors = [t for a in adapters for m in a.modules.values() for t in (m.A, m.B)]
-    contenders = {
-        "read floor (sum of every tensor)": lambda: [t.sum() for t in tensors],
-        "read floor (sum of every tensor), 1 thread": lambda: _one_thread(lambda: [t.sum() for t in tensors]),
-        "nan-peft update_gram": lambda: update_gram(adapters, device),
-    }
+    contenders = {"read floor (sum of every tensor)": lambda: [t.sum() for t in tensors]}
+    if device == "cpu":
+        contenders["read floor (sum of every tensor), 1 thread"] = lambda: _one_thread(lambda: [t.sum() for t in tensors])
+    contenders["nan-peft update_gram"] = lambda: update_gram(adapters, device)
     baseline = baseline_package(params.get("baseline"))
     if baseline is not None:
         old, theirs = _submodule(baseline, "norms").update_gram, rewrap(adapters, baseline)
@@ -105,7 +104,7 @@ def norms(params: Mapping) -> Case:
         "bytes": sum(t.numel() * t.element_size() for t in tensors),
         "modules": len(adapters[0].modules),
         "gram_flops": flops,
-        "probe_flops": probe_flops(count * r),
+        "probe_flops": probe_flops(count * r, _probe_batch(device)),
         "dense_layers": dense_layers,
     }
     return Case(contenders, info=info, check=check)
@@ -133,15 +132,20 @@ def _by_module(adapters):
     return [[a.modules[path] for a in adapters] for path in sorted(adapters[0].modules)]
 
 
-def probe_flops(R: int) -> int:
-    return 2 * 4 * R * R * 4096 * 10
+def _probe_batch(device) -> int:
+    """Pieces per probe product: a few fit a CPU's cache; a GPU needs many to be busy rather than waiting on launches."""
+    return 4 if str(device) == "cpu" else 256
+
+
+def probe_flops(R: int, batch: int = 4) -> int:
+    return 2 * batch * R * R * 4096 * 10
 
 
 def _gemm_probe(device, R: int, dtype=torch.float64):
     """The Grams' compute floor: batched products of their shape (A A^T of R x 4096 pieces) on data already in
-    cache, probe_flops(R) of them."""
-    piece = torch.randn(4, R, 4096, dtype=dtype, device=device)
-    out = torch.zeros(4, R, R, dtype=dtype, device=device)
+    cache, probe_flops(R, _probe_batch(device)) of them."""
+    piece = torch.randn(_probe_batch(device), R, 4096, dtype=dtype, device=device)
+    out = torch.zeros(_probe_batch(device), R, R, dtype=dtype, device=device)
 
     def probe():
         for _ in range(10):
@@ -165,9 +169,9 @@ def merge(params: Mapping) -> Case:
     from nan_peft.coefficients import coefficients_for
     from nan_peft.combine import combine as combine_updates
 
-    adapters = lora_adapters(shape, r, count, projections, layers)
+    adapters = lora_adapters(shape, r, count, projections, layers, device=device)
     with_peft = params.get("peft", True)
-    model = peft_model(shape, r, count, projections, layers) if with_peft else None
+    model = peft_model(shape, r, count, projections, layers, device) if with_peft else None
     names = [a.name for a in adapters]
     gram = nan_peft.update_gram(adapters, device)
     coefficients = coefficients_for("manual", gram, weights=weights)
@@ -199,7 +203,7 @@ def merge(params: Mapping) -> Case:
         worst = 0.0
         for path, module in list(results["nan-peft"].adapter.modules.items())[:4]:
             layer = model.base_model.model.get_submodule(path)
-            theirs = layer.get_delta_weight("merged").double()
+            theirs = layer.get_delta_weight("merged").double().cpu()
             mine = module.scale * (module.B.double() @ module.A.double())
             worst = max(worst, float((theirs - mine).norm() / mine.norm()))
         return {"max relative difference from peft's merge": worst}
@@ -218,15 +222,17 @@ def merge(params: Mapping) -> Case:
 # 4. Fold: the merged update folded into a base checkpoint, against copying the checkpoint and mergekit
 
 
-def update_probe_flops(R: int) -> int:
-    return 2 * 256 * R * 4096 * 40
+def update_probe_flops(R: int, batch: int = 4) -> int:
+    return 2 * 64 * batch * R * 4096 * 40
 
 
 def _update_probe(device, R: int):
-    """The fold's arithmetic floor: W_rows += B_rows @ A in float32 (256 x R times R x 4096 blocks) in cache."""
-    left = torch.randn(256, R, device=device)
+    """The fold's arithmetic floor: W_rows += B_rows @ A in float32 (64 * _probe_batch rows: a block in a CPU's
+    cache, a GPU-filling one on a GPU), update_probe_flops(R, _probe_batch(device)) of them."""
+    rows = 64 * _probe_batch(device)
+    left = torch.randn(rows, R, device=device)
     right = torch.randn(R, 4096, device=device)
-    out = torch.zeros(256, 4096, device=device)
+    out = torch.zeros(rows, 4096, device=device)
 
     def probe():
         for _ in range(40):
@@ -311,7 +317,7 @@ def fold(params: Mapping) -> Case:
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     touched = SHAPES[params["shape"]].parameters()  # the adapters adapt every projection of every layer
     total_rank = params["r"] * len(adapters)
-    info = {"model_bytes": size, "fold_flops": 2 * total_rank * touched, "probe_flops": update_probe_flops(total_rank)}
+    info = {"model_bytes": size, "fold_flops": 2 * total_rank * touched, "probe_flops": update_probe_flops(total_rank, _probe_batch(device))}
     return Case(contenders, setup=setup, info=info, check=check, cleanup=lambda: shutil.rmtree(scratch, ignore_errors=True))
 
 

@@ -90,17 +90,28 @@ def peak_bytes() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def peak_of(function: Callable[[], object]) -> dict:
-    """Run `function` once; how far above the resident size before the call its peak went (bytes)."""
+def peak_of(function: Callable[[], object], device: str = "cpu") -> dict:
+    """Run `function` once; how far above the resident size before the call its peak went (bytes), and on a
+    CUDA device also how far above the memory allocated before the call the GPU's peak went (gpu_peak_increase)."""
     import gc
 
+    import torch
+
     gc.collect()
+    gpu = str(device).startswith("cuda")
+    if gpu:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated = torch.cuda.memory_allocated(device)
     before = resident_bytes()
     reset = reset_peak()
     function()
     synchronize()
     peak = peak_bytes()
-    return {"peak_increase": max(0, peak - before), "resident_before": before, "peak": peak, "reset": reset}
+    out = {"peak_increase": max(0, peak - before), "resident_before": before, "peak": peak, "reset": reset}
+    if gpu:
+        out["gpu_peak_increase"] = torch.cuda.max_memory_allocated(device) - allocated
+    return out
 
 
 def run_worker(case: str, params: Mapping, env: Mapping[str, str] | None = None, timeout: float = 3600) -> dict:

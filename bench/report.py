@@ -6,6 +6,7 @@ The JSON result holds, per section, a list of cases; each case has
   times     {contender: {"median": s, "times": [s, ...]}} timed side by side in one process
   processes {command: {"median": s, "times": [...], "peak": bytes}} whole processes (cli, fold)
   peaks     {contender: bytes} peak memory above the resident size before the call, one fresh process each
+  gpu_peaks {contender: bytes} on a GPU (cases on cuda): peak GPU memory above that allocated before the call
   ratios    {name: value} derived here (see derive)
   check     {name: value} how far the contenders' results are from each other
   info      sizes, flops and counts of the inputs
@@ -38,7 +39,8 @@ def _ratio(a, b):
 
 def derive(section: str, entry: dict) -> dict:
     """Add entry["ratios"]: the figures the table reports, each a ratio of numbers measured side by side."""
-    times, peaks, info = entry.get("times", {}), entry.get("peaks", {}), entry.get("info", {})
+    times, info = entry.get("times", {}), entry.get("info", {})
+    peaks = entry.get("gpu_peaks") or entry.get("peaks", {})  # on a GPU its memory is the one that binds
     ratios: dict[str, float | None] = {}
     if section == "norms":
         gram = _median(times, "nan-peft update_gram")
@@ -80,7 +82,9 @@ def derive(section: str, entry: dict) -> dict:
         probe = _median(times, "float32 GEMM rate probe")
         compute = info["fold_flops"] / (info["probe_flops"] / probe) if probe else None
         ratios["update arithmetic alone (float32 GEMM floor) / safetensors copy"] = _ratio(compute, _median(times, "safetensors load + save copy", exact=True))
-        ratios["fold peak / model size"] = _ratio(_find(peaks, "nan-peft fold_into, 3 adapters"), size)
+        ratios["fold peak / model size"] = _ratio(_find(entry.get("peaks", {}), "nan-peft fold_into, 3 adapters"), size)
+        if entry.get("gpu_peaks"):
+            ratios["fold GPU peak / model size"] = _ratio(_find(entry["gpu_peaks"], "nan-peft fold_into, 3 adapters"), size)
         ratios["before / now"] = _ratio(_median(times, "nan-peft fold_into, 3 adapters", before=True), fold)
         processes = entry.get("processes", {})
         ours, theirs = _find(processes, "nan-peft merge --fold-into"), _find(processes, "mergekit")
@@ -191,11 +195,15 @@ def markdown(results: Mapping) -> str:
         lines += ["", f"## {TITLES.get(section, section)}", ""]
         for entry in entries:
             lines += [f"**{entry['case']}**", ""]
-            rows = [(name, _seconds(v["median"]), _mib(entry.get("peaks", {}).get(name))) for name, v in entry.get("times", {}).items()]
-            rows += [(name, _seconds(v["median"]), _mib(v.get("peak")) + " (whole process)") for name, v in entry.get("processes", {}).items()]
+            gpu = entry.get("gpu_peaks")
+            rows = [(name, _seconds(v["median"]), _mib(entry.get("peaks", {}).get(name)), _mib(gpu.get(name)) if gpu else None)
+                    for name, v in entry.get("times", {}).items()]
+            rows += [(name, _seconds(v["median"]), _mib(v.get("peak")) + " (whole process)", "-" if gpu else None)
+                     for name, v in entry.get("processes", {}).items()]
             if rows:
-                lines += ["| contender | median time | peak memory |", "|---|---:|---:|"]
-                lines += [f"| {name} | {time} | {peak} |" for name, time, peak in rows]
+                lines += ["| contender | median time | peak memory |" + (" peak GPU memory |" if gpu else ""),
+                          "|---|---:|---:|" + ("---:|" if gpu else "")]
+                lines += [f"| {name} | {time} | {peak} |" + (f" {on_gpu} |" if gpu else "") for name, time, peak, on_gpu in rows]
                 lines.append("")
             figures = {k: v for k, v in entry.get("ratios", {}).items() if v is not None}
             figures.update({k: v for k, v in entry.get("check", {}).items() if v is not None})

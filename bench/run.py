@@ -13,7 +13,9 @@ peak memory is measured contender by contender, each in a fresh process. Section
   fold   folding the merge into a base checkpoint vs copying the checkpoint, and vs mergekit's model+lora
 
 --baseline REF times the nan_peft package of git revision REF beside the working tree's (before/after).
-The GPU is used too when one is present (norms, svd, cat and fold run on both).
+The GPU is used too when one is present (norms, svd, cat and fold run on both; --devices picks, e.g.
+--devices cuda for the GPU cases alone). A case on a GPU has its inputs resident there, its label ends in
+"on cuda", and its peak GPU memory (torch.cuda.max_memory_allocated) is reported beside the host's.
 """
 
 from __future__ import annotations
@@ -47,29 +49,31 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
     norms = [("llama-7b", 16), ("small", 16)] if quick else [("llama-7b", 16), ("llama-7b", 64), ("small", 16)]
     out: dict[str, list[dict]] = {name: [] for name in SECTIONS}
     for device in devices:
+        on = "" if device == "cpu" else f", on {device}"
         for shape, r in norms:
-            out["norms"].append({"label": f"{shape} r={r}, 3 adapters", "case": "norms",
+            out["norms"].append({"label": f"{shape} r={r}, 3 adapters{on}", "case": "norms",
                                  "params": {"shape": shape, "r": r, "dense_layers": 1, "repeat": repeat, "device": device}})
         for shape, r, projections in [("llama-7b", 16, ["q_proj"]), ("small", 16, ["q_proj", "k_proj", "v_proj", "o_proj"])] + (
             [] if quick else [("llama-7b", 64, ["q_proj"])]
         ):
-            out["svd"].append({"label": f"{shape} r={r}, 3 adapters, {len(projections)} module(s) {_width(shape)}, to rank {r}",
+            out["svd"].append({"label": f"{shape} r={r}, 3 adapters, {len(projections)} module(s) {_width(shape)}, to rank {r}{on}",
                                "case": "merge", "params": {"shape": shape, "r": r, "combine": "svd", "projections": projections,
                                                            "layers": 1, "repeat": slow, "device": device}})
         if not quick:  # the whole model, nan-peft alone (peft: about 10 s a 4096-wide module here, 224 modules)
-            out["svd"].append({"label": "llama-7b r=16, 3 adapters, all 224 modules, to rank 16 (nan-peft only)", "case": "merge",
+            out["svd"].append({"label": f"llama-7b r=16, 3 adapters, all 224 modules, to rank 16 (nan-peft only){on}", "case": "merge",
                                "params": {"shape": "llama-7b", "r": 16, "combine": "svd", "projections": list(_all()), "layers": 32,
                                           "peft": False, "repeat": repeat, "device": device}})
         layers = 1 if quick else 4
-        out["cat"].append({"label": f"llama-7b r=16, 3 adapters, {layers} layer(s) x 7 modules", "case": "merge",
+        out["cat"].append({"label": f"llama-7b r=16, 3 adapters, {layers} layer(s) x 7 modules{on}", "case": "merge",
                            "params": {"shape": "llama-7b", "r": 16, "combine": "cat", "projections": list(_all()), "layers": layers,
                                       "repeat": repeat, "device": device}})
-    out["cli"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each", "case": "cli",
-                       "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
-    fold_shape = "small" if quick else "fold"
-    out["fold"].append({"label": f"{fold_shape} bfloat16 base, 3 adapters r=16 on all 7 projections", "case": "fold",
-                        "params": {"shape": fold_shape, "r": 16, "repeat": 2 * repeat - 1, "commands_repeat": slow,
-                                   "device": devices[0]}})  # many repetitions: fsync times swing with the neighbours
+        fold_shape = "small" if quick else "fold"
+        out["fold"].append({"label": f"{fold_shape} bfloat16 base, 3 adapters r=16 on all 7 projections{on}", "case": "fold",
+                            "params": {"shape": fold_shape, "r": 16, "repeat": 2 * repeat - 1,  # fsync times swing with the neighbours
+                                       "commands_repeat": slow if device == "cpu" else 0, "device": device}})
+    if "cpu" in devices:  # the command line's target is for the CPU
+        out["cli"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each", "case": "cli",
+                           "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
     return out
 
 
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a minutes-long version: fewer shapes and repetitions")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
     parser.add_argument("--baseline", metavar="REF", help="also time the nan_peft of this git revision (before/after)")
+    parser.add_argument("--devices", default=None,
+                        help="comma-separated devices to run the cases on (default: cpu, and cuda when present)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--omp-passive", action="store_true",
                         help="OMP_WAIT_POLICY=PASSIVE: on a machine another job keeps busy, OpenMP threads that spin "
@@ -115,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        if any(d != "cpu" and not (d.startswith("cuda") and torch.cuda.is_available()) for d in devices) or not devices:
+            parser.error(f"--devices {args.devices}: this machine has cpu{', cuda' if torch.cuda.is_available() else ''}")
     started = time.time()
     info = machine()
     name = args.name or machine_slug(info)
@@ -182,11 +192,16 @@ def worker_case(case: str, params: dict) -> dict:
         from .worker import run_case
 
         first = run_case(case, {**params, "inline_peaks": True})
-        peaks = {name: value["peak_increase"] for name, value in first["peak"].items()}
+        measured = first["peak"]
     else:
         first = run_worker(case, params)
-        peaks = {name: run_worker(case, {**params, "peak": name})["peak"][name]["peak_increase"] for name in filter(has_peak, first["times"])}
-    return {"times": first["times"], "peaks": peaks, "check": first["check"], "info": first["info"]}
+        measured = {name: run_worker(case, {**params, "peak": name})["peak"][name] for name in filter(has_peak, first["times"])}
+    entry = {"times": first["times"], "peaks": {name: value["peak_increase"] for name, value in measured.items()},
+             "check": first["check"], "info": first["info"]}
+    gpu = {name: value["gpu_peak_increase"] for name, value in measured.items() if "gpu_peak_increase" in value}
+    if gpu:
+        entry["gpu_peaks"] = gpu
+    return entry
 
 
 def cli_case(params: dict, scratch: Path | None, baseline: Path | None) -> dict:
@@ -241,7 +256,8 @@ def fold_case(params: dict, scratch: Path | None, mergekit: str | None) -> dict:
         adapters = [str(f) for f in write_adapters(root / "adapters", shape, params["r"], 3)]
         worker = {**params, "base": str(root / "base"), "adapters": adapters}
         entry = worker_case("fold", {**worker, "scratch": str(root / "out")})
-        entry.update(_fold_commands(root, adapters[0], params, mergekit))
+        if params.get("commands_repeat", 3):  # the CLI and mergekit, once per run: not again for the GPU
+            entry.update(_fold_commands(root, adapters[0], params, mergekit))
         return entry
     finally:
         shutil.rmtree(root, ignore_errors=True)

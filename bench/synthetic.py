@@ -62,8 +62,10 @@ def factors(shape: Shape, r: int, seed: int, projections=PROJECTIONS, layers: in
     return out
 
 
-def lora_adapters(shape: Shape, r: int, count: int = 3, projections=PROJECTIONS, layers: int | None = None, dtype=torch.float32):
-    """`count` nan_peft.LoraAdapter objects of rank r, scale alpha / r with alpha = 2 r (peft's common choice)."""
+def lora_adapters(shape: Shape, r: int, count: int = 3, projections=PROJECTIONS, layers: int | None = None, dtype=torch.float32,
+                  device="cpu"):
+    """`count` nan_peft.LoraAdapter objects of rank r, scale alpha / r with alpha = 2 r (peft's common choice),
+    their factors resident on `device`."""
     from nan_peft.lora import LoraAdapter, LoraModule
 
     return [
@@ -71,7 +73,8 @@ def lora_adapters(shape: Shape, r: int, count: int = 3, projections=PROJECTIONS,
             name=f"task{k}",
             source="",
             config=_config(shape, r, projections),
-            modules={path: LoraModule(A, B, 2.0) for path, (A, B) in factors(shape, r, 100 + k, projections, layers, dtype).items()},
+            modules={path: LoraModule(A.to(device), B.to(device), 2.0)
+                     for path, (A, B) in factors(shape, r, 100 + k, projections, layers, dtype).items()},
         )
         for k in range(count)
     ]
@@ -143,7 +146,7 @@ def write_base(folder: Path, shape: Shape, dtype=torch.bfloat16, vocab: int = 32
     return total
 
 
-def peft_model(shape: Shape, r: int, count: int = 3, projections=ATTENTION, layers: int = 1):
+def peft_model(shape: Shape, r: int, count: int = 3, projections=ATTENTION, layers: int = 1, device="cpu"):
     """A peft LoraModel over a bare stack of the shape's Linear layers holding the same adapters as lora_adapters
     (names task0, task1, ...). The base weights are allocated but never written, so they take no memory: peft's
     add_weighted_adapter reads only the LoRA factors."""
@@ -167,7 +170,7 @@ def peft_model(shape: Shape, r: int, count: int = 3, projections=ATTENTION, laye
 
     with torch.device("meta"):
         base = Stack()
-    base = base.to_empty(device="cpu")  # uninitialised: pages are never touched
+    base = base.to_empty(device=device)  # uninitialised: pages are never touched
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(projections), lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(base, config, adapter_name="task0")
     for k in range(1, count):

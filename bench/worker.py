@@ -33,7 +33,7 @@ def run_case(case_name: str, params: dict) -> dict:
         if params.get("peak"):
             name = params["peak"]
             case.setup.get(name, lambda: None)()
-            result = {"peak": {name: peak_of(case.contenders[name])}}
+            result = {"peak": {name: peak_of(case.contenders[name], params.get("device", "cpu"))}}
         else:
             times = interleaved(case.contenders, params.get("repeat", 3), setup=case.setup, warmup=case.warmup)
             result = {"times": times, "check": case.check() if case.check else {}}
@@ -41,7 +41,7 @@ def run_case(case_name: str, params: dict) -> dict:
                 result["peak"] = {}
                 for name in filter(has_peak, case.contenders):
                     case.setup.get(name, lambda: None)()
-                    result["peak"][name] = peak_of(case.contenders[name])
+                    result["peak"][name] = peak_of(case.contenders[name], params.get("device", "cpu"))
         result["info"] = case.info
     finally:
         if case.cleanup:
