@@ -278,11 +278,23 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, StoredTensor]]:
     return metadata, entries
 
 
-def tied_groups(config: dict) -> list[tuple[str, ...]] | None:
-    """Groups of parameter names that share one tensor in the model config.json describes, built on the meta
-    device (no memory); None when transformers cannot build that architecture."""
+@dataclass(frozen=True)
+class Architecture:
+    """What the model class that config.json names says about its weights, beyond the checkpoint's headers."""
+
+    tied: list[tuple[str, ...]]
+    """Groups of parameter names that share one tensor."""
+    transposed: frozenset[str]
+    """Weights stored (in, out): transformers' Conv1D (GPT-2 style). peft decides fan_in_fan_out by this layer
+    type, whatever the saved config says (a config may say false for an adapter that also targets lm_head)."""
+
+
+def architecture(config: dict) -> Architecture | None:
+    """The model config.json describes, built on the meta device (no memory); None when transformers cannot
+    build that architecture."""
     import transformers
     from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
 
     architectures = config.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
@@ -297,7 +309,14 @@ def tied_groups(config: dict) -> list[tuple[str, ...]] | None:
     groups: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(parameter), []).append(name)
-    return [tuple(names) for names in groups.values() if len(names) > 1]
+    transposed = frozenset(f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D))
+    return Architecture([tuple(names) for names in groups.values() if len(names) > 1], transposed)
+
+
+def tied_groups(config: dict) -> list[tuple[str, ...]] | None:
+    """Groups of parameter names that share one tensor in the model config.json describes (see architecture)."""
+    found = architecture(config)
+    return None if found is None else found.tied
 
 
 def resolve_tensor(module: str, names, what: str = "weight") -> str:
@@ -321,7 +340,8 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
     config = _read_json(folder / CONFIG_NAME, f"{folder.name}/{CONFIG_NAME}") if (folder / CONFIG_NAME).is_file() else None
     if not isinstance(config, dict):
         raise NanPeftError(f"{folder}: missing or invalid {CONFIG_NAME}")
-    groups = tied_groups(config)
+    built = architecture(config)
+    groups = None if built is None else built.tied
     aliases = {}  # a tied name the checkpoint does not store -> the stored twin it loads from
     for group in groups or []:
         stored = [name for name in group if name in checkpoint.tensors]
@@ -336,6 +356,7 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
         if name in targets:
             raise NanPeftError(f"modules {targets[name]} and {path} both resolve to the base tensor {name}")
         stored = checkpoint.tensors[aliases.get(name, name)]
+        module = _laid_out(module, name, stored.shape, built)
         expected = tuple(module.weight_delta(torch.empty(module.B.shape[0], module.A.shape[1], device="meta")).shape)
         if stored.shape != expected:
             raise NanPeftError(
@@ -370,6 +391,20 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
     if untied:
         config = _untie(config, untied, targets)
     return FoldPlan(checkpoint, config, layout, targets, modules, untied)
+
+
+def _laid_out(module: LoraModule, name: str, shape: tuple[int, ...], built: Architecture | None) -> LoraModule:
+    """The module with the base weight's layout: transposed (Conv1D) or not, as the model class says; where
+    transformers cannot build it, as the stored shape says, and for a square weight as the adapter's config says."""
+    if module.kind != "linear":
+        return module
+    if built is not None:
+        transposed = any(name == t or name.endswith("." + t) or t.endswith("." + name) for t in built.transposed)
+    elif shape[0] != shape[-1] and tuple(shape) in ((module.B.shape[0], module.A.shape[1]), (module.A.shape[1], module.B.shape[0])):
+        transposed = tuple(shape) == (module.A.shape[1], module.B.shape[0])
+    else:
+        transposed = module.fan_in_fan_out
+    return module if transposed == module.fan_in_fan_out else replace(module, fan_in_fan_out=transposed)
 
 
 def _check_carried(result: MergeResult, checkpoint: Checkpoint, names, aliases) -> None:
@@ -527,7 +562,7 @@ def row_factors(result: MergeResult, path: str, module: LoraModule, options: Map
     only = replace(coefficients, modules=(path,), values=coefficients.values[m : m + 1])
     terms = weighted_terms(result.sources, only, options.get("scale", 1.0))[path]
     B, A = stacked_factors(terms, device, torch.float32)  # as dense_updates(..., dtype=torch.float32) does
-    if module.kind == "embedding" or module.fan_in_fan_out:
+    if module.transposed:
         return A.T.contiguous(), B.T.contiguous()
     return B, A
 
@@ -693,9 +728,24 @@ def offloaded_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def _save_placed(model, plan: FoldPlan, tmp: Path) -> None:
+    """save_pretrained, then check that it wrote every tensor the streaming path would, in its stored dtype and
+    shape: transformers loads one dtype for the whole model, and leaves out tensors its class does not hold
+    (an extra prediction layer) or initialises ones the checkpoint lacks."""
     largest = max(sum(e.end - e.begin for e in plan.checkpoint.tensors.values() if e.file == file) for file in plan.checkpoint.files)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=largest)
     (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    saved, expected = read_checkpoint(tmp).tensors, {name: plan.checkpoint.tensors[source] for name, source in plan.sources.items()}
+    instead = "fold without device_map (the streaming path writes every tensor as stored)"
+    for names, what in ((sorted(expected.keys() - saved.keys()), "leaves out"), (sorted(saved.keys() - expected.keys()), "adds")):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise NanPeftError(f"loading the base with transformers {what} the tensor {names[0]}{more}: {instead}")
+    for name, entry in expected.items():
+        if (saved[name].dtype, saved[name].shape) != (entry.dtype, entry.shape):
+            raise NanPeftError(
+                f"loading the base with transformers turns {name} from {entry.dtype} {_shape(entry.shape)} into "
+                f"{saved[name].dtype} {_shape(saved[name].shape)}: {instead}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -47,10 +47,16 @@ class LoraModule:
         """The dense update s * B @ A in float64 (for tests and small modules only)."""
         return self.scale * (self.B.double() @ self.A.double())
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight holds the update transposed: Embedding, and Conv1D (fan_in_fan_out, which peft
+        applies to linear layers only, whatever a conv adapter's config says)."""
+        return self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out)
+
     def weight_delta(self, update: torch.Tensor) -> torch.Tensor:
         """An (m, n) update matrix in the layout of the base weight it adds to: (out, in) for Linear,
         (in, out) for Conv1D (fan_in_fan_out), (num_embeddings, dim) for Embedding, (out, in, *kernel) for Conv."""
-        if self.kind == "embedding" or self.fan_in_fan_out:
+        if self.transposed:
             return update.T
         return update.reshape(update.shape[0], *self.a_tail) if self.kind == "conv" else update
 
@@ -77,8 +83,15 @@ class LoraAdapter:
 
     @property
     def saved_modules(self) -> list[str]:
-        """Module paths of the `saved` tensors ("classifier" for base_model.model.classifier.weight)."""
-        return sorted({key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in self.saved})
+        """The modules peft wrapped to save the `saved` tensors, as modules_to_save names them: "classifier" for
+        base_model.model.classifier.weight, and for a head with sub-layers (RoBERTa's classifier.dense.weight,
+        classifier.out_proj.weight). Found with the config's modules_to_save and task type (reader.saved_module);
+        a tensor they do not place is named by its parent module. A module inside another listed one is left
+        out: wrapping the outer one saves it."""
+        from .reader import saved_module  # the reader imports this module
+
+        paths = {saved_module(key, self.config) or key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in self.saved}
+        return sorted(path for path in paths if not any(path.startswith(f"{other}.") for other in paths))
 
     @property
     def base_model(self) -> str | None:

@@ -211,6 +211,48 @@ def test_single_file_model_and_rule_options(gpt2_adapters, tmp_path, rule):
                       {"lm_head.weight": "transformer.wte.weight"})
 
 
+@pytest.mark.parametrize("targets", [["attn.c_proj", "lm_head"], ["c_attn", "lm_head"]])
+def test_conv1d_layout_comes_from_the_base_not_the_config(targets, tmp_path):
+    """peft decides fan_in_fan_out per layer type (Conv1D: true, Linear: false) and saves whatever the last layer
+    left in the config: false here, for an adapter on GPT-2's Conv1D layers and its Linear lm_head. The fold lays
+    each update out as its base weight is (a square c_proj would otherwise be added untransposed, silently)."""
+    from models import make_adapter
+
+    adapter = make_adapter(tmp_path / "adapter", base=GPT2, seed=11, magnitude=0.2, target_modules=targets)
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    base_folder = save_base(tiny_gpt2(), tmp_path / "base")
+    result = merge_adapters([adapter])
+    deltas = peft_weight_deltas(base_folder, [adapter], result)
+    assert any(name.startswith("transformer.h.") for name in deltas) and "lm_head.weight" in deltas
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), adapter).eval()
+    for out in (fold_into(result, base_folder, tmp_path / "folded"), fold_into(result, base_folder, tmp_path / "placed", device_map="cpu")):
+        check_weights(tensors(base_folder), tensors(out), deltas, {"lm_head.weight": "transformer.wte.weight"})
+        torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval()), logits(reference), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [("mixed dtypes", "turns model.embed_tokens.weight from BF16 96x32 into F32"),
+                                             ("tensor the class lacks", "leaves out the tensor model.layers.2.eh_proj.weight:")])
+def test_placed_path_refuses_what_transformers_would_change(change, message, llama_adapters, tmp_path):
+    """transformers loads one dtype for a whole model and drops tensors its class does not hold (an extra
+    prediction layer, an old inv_freq buffer): the device-map path refuses such a base, writing nothing; the
+    streaming path writes every tensor as stored."""
+    state = {k: v.detach().clone().contiguous() for k, v in tiny_llama().state_dict().items()}
+    if change == "mixed dtypes":
+        state = {k: v if k == "lm_head.weight" else v.to(torch.bfloat16) for k, v in state.items()}
+    else:
+        state["model.layers.2.eh_proj.weight"] = torch.randn(32, 64)
+    base_folder = tmp_path / "base"
+    base_folder.mkdir()
+    save_file(state, base_folder / "model.safetensors", metadata={"format": "pt"})
+    (base_folder / "config.json").write_text(json.dumps(tiny_llama().config.to_dict()))
+    result = merge_adapters(llama_adapters[:2])
+    with pytest.raises(NanPeftError, match=message):
+        fold_into(result, base_folder, tmp_path / "placed", device_map="cpu")
+    assert not (tmp_path / "placed").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    streamed = tensors(fold_into(result, base_folder, tmp_path / "streamed"))
+    assert streamed.keys() == state.keys() and all(streamed[k].dtype == v.dtype for k, v in state.items())
+
+
 def test_checkpoint_of_a_bare_base_class(gpt2_adapters, tmp_path):
     """GPT2Model checkpoints name tensors h.0...; the adapters name modules transformer.h.0...: matched by suffix."""
     lm = tiny_gpt2()
