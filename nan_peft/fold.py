@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -94,7 +94,9 @@ class FoldPlan:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     """module path -> one source module (its layout and shape)."""
     untied: list[tuple[str, ...]] = field(default_factory=list)
-    """Tied weights the fold writes apart, because the adapters change only some of them."""
+    """Tied weights the fold writes apart, because the adapters change only some of them (names in the model)."""
+    loaded: dict[str, str] = field(default_factory=dict)
+    """checkpoint key -> the parameter name transformers loads it as, where the two differ (a legacy layout)."""
 
     @property
     def sources(self) -> dict[str, str]:
@@ -287,6 +289,9 @@ class Architecture:
     transposed: frozenset[str]
     """Weights stored (in, out): transformers' Conv1D (GPT-2 style). peft decides fan_in_fan_out by this layer
     type, whatever the saved config says (a config may say false for an adapter that also targets lm_head)."""
+    rename: Callable[[str], str | None] = lambda key: key
+    """The name transformers gives a checkpoint key on loading (Llava's language_model.model.* loads as
+    model.language_model.*, where peft's module paths point); None for a key it converts, not just renames."""
 
 
 def architecture(config: dict) -> Architecture | None:
@@ -310,7 +315,35 @@ def architecture(config: dict) -> Architecture | None:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(parameter), []).append(name)
     transposed = frozenset(f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D))
-    return Architecture([tuple(names) for names in groups.values() if len(names) > 1], transposed)
+    return Architecture([tuple(names) for names in groups.values() if len(names) > 1], transposed, _loading_renames(model))
+
+
+def _loading_renames(model) -> Callable[[str], str | None]:
+    """transformers' renaming of checkpoint keys on loading (identity where this transformers has none)."""
+    try:  # transformers 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+        def rename(key: str) -> str | None:
+            new, converter = rename_source_key(key, renamings, converters)
+            return None if converter is not None else new
+
+        return rename
+    except Exception:  # transformers 4: a regex mapping on the class; the first pattern that matches renames
+        mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+
+        def rename(key: str) -> str | None:
+            for pattern, replacement in mapping.items():
+                new, count = re.subn(pattern, replacement, key)
+                if count:
+                    return new
+            return key
+
+        return rename
 
 
 def tied_groups(config: dict) -> list[tuple[str, ...]] | None:
@@ -342,11 +375,15 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
         raise NanPeftError(f"{folder}: missing or invalid {CONFIG_NAME}")
     built = architecture(config)
     groups = None if built is None else built.tied
+    # Planned in the names the model class gives the tensors (where peft's module paths point), written in the
+    # checkpoint's own.
+    stored_as = _stored_as(checkpoint, built)
+    tensors = {name: checkpoint.tensors[key] for name, key in stored_as.items()}
     aliases = {}  # a tied name the checkpoint does not store -> the stored twin it loads from
     for group in groups or []:
-        stored = [name for name in group if name in checkpoint.tensors]
-        aliases.update({name: stored[0] for name in group if stored and name not in checkpoint.tensors})
-    names = set(checkpoint.tensors) | set(aliases)
+        stored = [name for name in group if name in tensors]
+        aliases.update({name: stored[0] for name in group if stored and name not in tensors})
+    names = set(tensors) | set(aliases)
 
     modules, targets = {}, {}
     rule_modules = {path for path, row in zip(result.coefficients.modules, result.coefficients.values) if bool((row != 0).any())}
@@ -355,7 +392,7 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
         name = resolve_tensor(path, names)
         if name in targets:
             raise NanPeftError(f"modules {targets[name]} and {path} both resolve to the base tensor {name}")
-        stored = checkpoint.tensors[aliases.get(name, name)]
+        stored = tensors[aliases.get(name, name)]
         module = _laid_out(module, name, stored.shape, built)
         expected = tuple(module.weight_delta(torch.empty(module.B.shape[0], module.A.shape[1], device="meta")).shape)
         if stored.shape != expected:
@@ -375,22 +412,36 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
                 f"cannot tell whether {config.get('architectures')} ties its embedding {embedding[0]} to the output layer "
                 "(transformers cannot build this architecture): refusing to fold an embedding update into it"
             )
-    _check_carried(result, checkpoint, names, aliases)
+    _check_carried(result, checkpoint, names, {name: stored_as[aliases.get(name, name)] for name in names})
 
     layout = {file: {} for file in checkpoint.files}
     for name, stored in checkpoint.tensors.items():
         layout[stored.file][name] = name
     untied = []
     for group in groups or []:
-        if not any(name in targets for name in group) or not any(name in checkpoint.tensors for name in group):
+        if not any(name in targets for name in group) or not any(name in tensors for name in group):
             continue
         untied.append(group)
         for name in group:
-            if name not in checkpoint.tensors:
-                layout[checkpoint.tensors[aliases[name]].file][name] = aliases[name]
+            if name not in tensors:
+                layout[tensors[aliases[name]].file][name] = stored_as[aliases[name]]
     if untied:
         config = _untie(config, untied, targets)
-    return FoldPlan(checkpoint, config, layout, targets, modules, untied)
+    written = {stored_as.get(name, name): path for name, path in targets.items()}
+    loaded = {key: name for name, key in stored_as.items() if key != name}
+    return FoldPlan(checkpoint, config, layout, written, modules, untied, loaded)
+
+
+def _stored_as(checkpoint: Checkpoint, built: Architecture | None) -> dict[str, str]:
+    """{name in the model class: checkpoint key} for every stored tensor; the keys themselves where transformers
+    does not rename them, or would map two onto one name."""
+    same = {key: key for key in checkpoint.tensors}
+    if built is None:
+        return same
+    renamed = {}
+    for key in checkpoint.tensors:
+        renamed[built.rename(key) or key] = key
+    return renamed if len(renamed) == len(same) else same
 
 
 def _laid_out(module: LoraModule, name: str, shape: tuple[int, ...], built: Architecture | None) -> LoraModule:
@@ -407,18 +458,19 @@ def _laid_out(module: LoraModule, name: str, shape: tuple[int, ...], built: Arch
     return module if transposed == module.fan_in_fan_out else replace(module, fan_in_fan_out=transposed)
 
 
-def _check_carried(result: MergeResult, checkpoint: Checkpoint, names, aliases) -> None:
-    """The adapters' carried full weights (peft saves a targeted embedding's base weight) must equal the base's."""
+def _check_carried(result: MergeResult, checkpoint: Checkpoint, names, keys: Mapping[str, str]) -> None:
+    """The adapters' carried full weights (peft saves a targeted embedding's base weight) must equal the base's.
+    keys: {tensor name as the model class has it: the checkpoint key holding it}."""
     from safetensors import safe_open
 
     for key, carried in sorted(result.adapter.extras.items()):
         path = key.removeprefix(KEY_PREFIX).removesuffix(_CARRIED_SUFFIX)
         name = resolve_tensor(path, names)
-        stored = checkpoint.tensors[aliases.get(name, name)]
+        stored = checkpoint.tensors[keys[name]]
         same = stored.shape == tuple(carried.shape)
         if same:
             with safe_open(checkpoint.folder / stored.file, framework="pt") as handle:
-                weight = handle.get_tensor(aliases.get(name, name))
+                weight = handle.get_tensor(keys[name])
             same = torch.equal(carried.to(weight.dtype), weight) or torch.equal(weight.to(carried.dtype), carried)
         if not same:
             raise NanPeftError(
@@ -681,7 +733,7 @@ def _fold_placed(model, plan: FoldPlan, result: MergeResult, rule: str, options:
     """Add each update to its parameter, on the device holding it (CPU-offloaded ones: in accelerate's CPU copy)."""
     parameters, sources = dict(model.named_parameters(remove_duplicate=False)), plan.sources
     for name in plan.targets:
-        if name not in parameters:
+        if plan.loaded.get(name, name) not in parameters:
             raise NanPeftError(f"the loaded model has no parameter {name} (transformers renamed the checkpoint's tensors?): fold without device_map")
     for group in plan.untied:
         present = [name for name in group if name in parameters]
@@ -699,10 +751,11 @@ def _fold_placed(model, plan: FoldPlan, result: MergeResult, rule: str, options:
         model.config.tie_word_embeddings = False
     with torch.no_grad():
         for name, path in plan.targets.items():
+            key, name = name, plan.loaded.get(name, name)  # the checkpoint's name, the model's
             parameter = parameters[name]
             offloaded = parameter.device.type == "meta"
             weight = offloaded_tensor(model, name) if offloaded else parameter.data
-            expected = plan.checkpoint.tensors[sources[name]].shape
+            expected = plan.checkpoint.tensors[sources[key]].shape
             if tuple(weight.shape) != expected:
                 raise NanPeftError(
                     f"the loaded model's {name} is {_shape(weight.shape)}, its checkpoint tensor {_shape(expected)}: fold without device_map"

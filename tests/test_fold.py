@@ -253,6 +253,36 @@ def test_placed_path_refuses_what_transformers_would_change(change, message, lla
     assert streamed.keys() == state.keys() and all(streamed[k].dtype == v.dtype for k, v in state.items())
 
 
+def test_checkpoint_in_a_layout_transformers_renames_on_loading(tmp_path):
+    """A Llava checkpoint stores language_model.model.*; the model class (and so peft's module paths) names those
+    tensors model.language_model.*. The fold finds them through transformers' own renaming, writes the
+    checkpoint's names, and unties the text model's tied embedding it changes."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=95, tie_word_embeddings=True)).eval()
+    base_folder = tmp_path / "base"
+    model.save_pretrained(base_folder)
+    assert "language_model.model.embed_tokens.weight" in tensors(base_folder)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape) * 0.3)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    result = merge_adapters([tmp_path / "adapter"])
+    reference = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_folder), tmp_path / "adapter").eval()
+    expected = logits(reference)
+    assert (expected - logits(LlavaForConditionalGeneration.from_pretrained(base_folder).eval())).abs().max() > 1e-2
+    streamed = fold_into(result, base_folder, tmp_path / "streamed")
+    assert set(tensors(streamed)) == set(tensors(base_folder)) | {"lm_head.weight"}
+    for out in (streamed, fold_into(result, base_folder, tmp_path / "placed", device_map="cpu")):
+        torch.testing.assert_close(logits(LlavaForConditionalGeneration.from_pretrained(out).eval()), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoint_of_a_bare_base_class(gpt2_adapters, tmp_path):
     """GPT2Model checkpoints name tensors h.0...; the adapters name modules transformer.h.0...: matched by suffix."""
     lm = tiny_gpt2()
