@@ -322,22 +322,29 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
     record = merge_record(result, inputs, command, {"device": str(device), "heads": heads, "serve": serve}, recipe=recipe_data or None)
+    plan = None
+    if serve is not None:
+        from .serving import plan_for
+
+        plan = plan_for(result.adapter, serve)
+        plan.raise_for_errors()
+        record["rank"] = plan.rank  # the rank written: padded for the engine
     if fold["fold_into"] is not None:
         from .fold import parse_max_memory
         from .record import RECORD_NAME, record_json
 
         record["options"]["fold_into"] = fold["fold_into"]
         memory = parse_max_memory(fold["max_memory"]) if fold["max_memory"] else None
+        if fold["device_map"] and (quiet or not sys.stderr.isatty()):  # transformers' own loading/saving bars
+            from transformers.utils.logging import disable_progress_bar
+
+            disable_progress_bar()
         with _stage(f"folding into {fold['fold_into']}: {output}", quiet):
             written = result.fold_into(fold["fold_into"], output, device=device, device_map=fold["device_map"], max_memory=memory,
                                        overwrite=force, extra_files={RECORD_NAME: record_json(record)})
         _report_merge(result, record, output, written, as_json)
         return
-    if serve is not None:
-        from .serving import plan_for
-
-        plan = plan_for(result.adapter, serve)
-        plan.raise_for_errors()
+    if plan is not None:
         for message in plan.changes + [f"{f.level}: {f.message}" for f in plan.findings if f.level != "info"]:
             _note(f"{serve}: {message}", quiet)
     files = provenance_files(result, record, output)
@@ -391,7 +398,7 @@ def _merge_document(result, record: dict, output: str, files: list[str]) -> dict
     return {
         "output": output,
         "files": files,
-        "rank": result.rank,
+        "rank": record["rank"],
         "combine": result.options["combine"],
         "dtype": result.options["dtype"],
         "device": record["options"]["device"],
@@ -462,9 +469,24 @@ def _load_recipe(path: str) -> dict:
     adapters = recipe.get("adapters")
     if adapters is not None and (not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters)):
         raise NanPeftError(f"{path}: 'adapters' must be a list of folders or Hub ids")
-    if recipe.get("output") is not None and not isinstance(recipe["output"], str):
-        raise NanPeftError(f"{path}: 'output' must be a folder name")
+    for key, value in recipe.items():
+        types, what = _RECIPE_TYPES.get(key, (object, ""))
+        # YAML's own true/false for flags (a quoted "false" is a true string), and no true/false for numbers
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) != (types == (bool,))):
+            raise NanPeftError(f"{path}: {key!r} must be {what}, not {value!r}")
     return recipe
+
+
+_RECIPE_TYPES = {  # key: (accepted types, what to say)
+    **dict.fromkeys(("force", "allow_different_bases", "allow_duplicates", "normalize"), ((bool,), "true or false")),
+    **dict.fromkeys(("rank", "seed"), ((int,), "an integer")),
+    **dict.fromkeys(("density", "scale", "exponent", "total"), ((int, float), "a number")),
+    **dict.fromkeys(("output", "method", "combine", "coefficients", "granularity", "device", "dtype", "heads", "serve",
+                     "fold_into", "max_memory"), ((str,), "a string")),
+    "weights": ((str, list), "a list of numbers"),
+    "device_map": ((str, dict), "a device map (auto, balanced, ... or a mapping)"),
+    "adapters": ((list,), "a list"),
+}
 
 
 def _weights(value) -> list[float]:
@@ -508,7 +530,7 @@ def norms(adapters, allow_different_bases, device, as_json, quiet, debug) -> Non
     from .coefficients import coefficients_for
     from .norms import update_gram
 
-    sources = _read(list(adapters), quiet, allow_different_bases)
+    sources = _read(list(adapters), quiet, allow_different_bases, allow_duplicates=True)  # shown, not merged
     with _stage("norms", quiet):
         gram = update_gram(sources, _device(device))
     names = list(gram.adapter_names)

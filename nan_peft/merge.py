@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -186,6 +187,9 @@ def merge_adapters(
         if weights is not None:
             raise NanPeftError("give the weights either as coefficients= or as weights=, not both")
         coefficients, weights = "manual", list(coefficients)
+    for key, value in {"density": density, "scale": scale, "exponent": exponent, "total": total}.items():
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise NanPeftError(f"{key} must be a finite number, got {value}")
     rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed}
     rule_options(method, rule)  # fail before any reading
     device = resolve_device(device)

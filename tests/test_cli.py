@@ -215,6 +215,9 @@ def test_recipe_gives_the_same_merge_and_command_line_overrides_it(here, tmp_pat
         ("adapters: [small\n", "not valid YAML"),
         ("adapters: [small, large]\noutput: x\nweights: [1, two]\n", "weights must be"),
         ("adapters: [small, large]\noutput: x\ncombine: fold\n", "unknown combine 'fold'"),
+        ("adapters: [small, large]\noutput: x\nallow_different_bases: 'no'\n", "'allow_different_bases' must be true or false, not 'no'"),
+        ("adapters: [small, large]\noutput: x\nrank: true\n", "'rank' must be an integer, not True"),
+        ("adapters: [small, large]\noutput: x\nscale: high\n", "'scale' must be a number, not 'high'"),
     ],
 )
 def test_bad_recipes_fail_with_one_line(here, text, message):
@@ -234,6 +237,8 @@ def test_bad_recipes_fail_with_one_line(here, text, message):
         (["small", "large", "-o", "x", "--rank", "2"], 1, "cat is exact and needs rank >= 12"),
         (["small", "large", "-o", "x", "--device", "tpu"], 1, "unknown device 'tpu'"),
         (["small", "large", "-o", "x", "--method", "ties"], 1, "ties rule: needs density"),
+        (["small", "large", "-o", "x", "--scale", "nan"], 1, "scale must be a finite number, got nan"),
+        (["small", "large", "-o", "x", "--exponent", "inf"], 1, "exponent must be a finite number, got inf"),
         (["small", "large", "-o", "x", "--rank", "0"], 2, "'--rank': 0 is not in the range"),
         (["small", "large", "-o", "x", "--combine", "fold"], 2, "'--combine': 'fold' is not one of"),
         (["small", "large"], 2, "give the output folder with -o"),
@@ -245,6 +250,33 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(here, args, code, mess
     line = fail(code, "merge", *args)
     assert message in line
     assert not (here / "x").exists() and leftovers(here, "x") == []
+
+
+def test_a_quoted_false_in_a_recipe_never_replaces_an_output(here):
+    """bool("false") is True: a recipe's force: "false" once replaced an existing output."""
+    ok("merge", "small", "-o", "kept", "--quiet")
+    before = folder_bytes(here / "kept")
+    (here / "quoted.yaml").write_text("adapters: [small, large]\noutput: kept\nforce: 'false'\n")
+    assert "'force' must be true or false, not 'false'" in fail(1, "merge", "--config", "quoted.yaml")
+    assert folder_bytes(here / "kept") == before
+    shutil.rmtree(here / "kept")
+
+
+def test_serve_reports_the_rank_it_writes(here, tmp_path):
+    """--serve vllm pads rank 14 (cat of 4 + 2 + 8) to 16: the table, --json, the record and the card say 16."""
+    document = json.loads(ok("merge", "small", "medium", "large", "-o", tmp_path / "served", "--serve", "vllm", "--json", "--quiet").stdout)
+    config = json.loads((tmp_path / "served" / "adapter_config.json").read_text())
+    record = json.loads((tmp_path / "served" / RECORD_NAME).read_text())
+    assert config["r"] == document["rank"] == record["rank"] == 16
+    assert "one rank (16)" in (tmp_path / "served" / CARD_NAME).read_text()
+    assert max(m["rank"] for m in record["modules"]) == 14  # each module's own merged rank, before padding
+
+
+def test_norms_shows_an_adapter_given_twice(here):
+    """norms writes nothing: the same adapter twice is shown (merge refuses it without --allow-duplicates)."""
+    document = json.loads(ok("norms", "small", "small", "--json", "--quiet").stdout)
+    norms = [a["norm"] for a in document["adapters"]]
+    assert len(norms) == 2 and norms[0] == norms[1] == pytest.approx(dense_norm(read_adapter(here / "small")), rel=1e-12)
 
 
 def test_usage_errors_point_to_help(here):

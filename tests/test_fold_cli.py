@@ -43,3 +43,17 @@ def test_cli_fold_usage_errors(setup, tmp_path, extra, message):
     result = CliRunner().invoke(cli, ["merge", *adapters, "-o", str(tmp_path / "out"), *extra])
     assert result.exit_code == 2 and message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_quiet_placed_fold_prints_nothing_on_stderr(setup, tmp_path):
+    """--quiet silences transformers' own loading and saving bars too (the device-map path loads with it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, adapters = setup
+    entry = str(Path(sys.executable).parent / "nan-peft")
+    run = subprocess.run([entry, "merge", *adapters, "-o", str(tmp_path / "placed"), "--fold-into", str(root / "base"),
+                          "--device-map", "cpu", "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert (tmp_path / "placed" / "config.json").exists()
