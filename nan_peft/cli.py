@@ -710,7 +710,7 @@ def demo(output, force, quiet, debug) -> None:
         f"\nmerged adapter: {report.merged} (rank {report.rank}, loaded with peft's PeftModel.from_pretrained)\n"
         f"max |logits(merged) - logits(sources, scales x coefficients)| = {report.max_abs_difference:.2e}"
         f" (the adapters move the logits by up to {report.max_abs_effect:.2f})\n"
-        f"the same merge from the command line: {report.command}"
+        f"the same merge from the command line (--force: over the demo's): {report.command} --force"
     )
 
 

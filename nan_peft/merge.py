@@ -113,7 +113,7 @@ class MergeResult:
         adapter, subfolders = self.adapter, {}
         if heads == "keep":
             if self.heads:
-                raise NanPeftError(f"{', '.join(self.heads)} carry their own full modules (heads); save them with heads='per_task'")
+                raise NanPeftError(f"{', '.join(self.heads)} carry their own full modules (heads); save them with heads='per_task' (--heads per-task)")
             adapter = replace(adapter, saved=self.shared_saved)
         elif heads == "per_task":
             subfolders = self.task_adapters()
