@@ -3,12 +3,13 @@ coefficients, exact cat / QR-SVD math and any merge rule."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.utils import set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper, set_peft_model_state_dict
 
 from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraAdapter, module_from_peft
@@ -18,13 +19,18 @@ from .writer import adapter_config, adapter_state_dict
 
 
 def adapter_from_model(model: PeftModel, name: str) -> LoraAdapter:
-    """Read adapter `name` out of a loaded PeftModel, with each layer's current scaling."""
+    """Read adapter `name` out of a loaded PeftModel, with each layer's current scaling, and the full modules it
+    saves (peft's ModulesToSaveWrapper copies, e.g. a task head) into `saved`, keyed as peft saves them."""
     if name not in model.peft_config:
         raise NanPeftError(f"the model has no adapter {name!r} (it has {', '.join(model.peft_config)})")
     config = model.peft_config[name].to_dict()
     check_config(config, f"adapter {name}")
-    modules = {}
+    modules, saved = {}, {}
     for path, layer in model.named_modules():
+        if isinstance(layer, ModulesToSaveWrapper) and name in layer.modules_to_save:
+            state = layer.modules_to_save[name].state_dict()
+            saved.update({f"{path}.{key}": tensor.detach() for key, tensor in state.items()})
+            continue
         if not isinstance(layer, LoraLayer):
             continue
         if name in layer.lora_A:
@@ -38,7 +44,7 @@ def adapter_from_model(model: PeftModel, name: str) -> LoraAdapter:
         )
     if not modules:
         raise NanPeftError(f"adapter {name} has no LoRA layers in this model")
-    return LoraAdapter(name=name, source=f"<{type(model).__name__}:{name}>", config=config, modules=modules)
+    return LoraAdapter(name=name, source=f"<{type(model).__name__}:{name}>", config=config, modules=modules, saved=saved)
 
 
 def add_nan_weighted_adapter(
@@ -54,7 +60,8 @@ def add_nan_weighted_adapter(
     """Add `adapter_name` to `model`: the merge of its adapters `adapters` (see merge_adapters for the
     options). The sources stay untouched and active adapters do not change; activate the new one with
     model.set_adapter(adapter_name), save it with model.save_pretrained(..., selected_adapters=[...]).
-    Returns the MergeResult (coefficients, norms, per-module report).
+    Returns the MergeResult (coefficients, norms, per-module report). Full modules the sources save (task
+    heads, modules_to_save) are not part of the new adapter: a warning says so, as result.notices() does.
     """
     if adapter_name in model.peft_config:
         raise NanPeftError(f"the model already has an adapter named {adapter_name!r}")
@@ -71,4 +78,6 @@ def add_nan_weighted_adapter(
     missing = [key for key in loaded.missing_keys if f".{adapter_name}." in key or key.endswith(f".{adapter_name}")]
     if loaded.unexpected_keys or missing:
         raise NanPeftError(f"could not place the merged weights: unexpected {loaded.unexpected_keys[:3]}, missing {missing[:3]}")
+    for notice in result.notices():
+        warnings.warn(notice, stacklevel=2)
     return result

@@ -29,7 +29,11 @@ _DIGESTED_CONFIG = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # init_lora_weights values whose training starts from a modified base model: the saved factors are not an
 # update of the original base unless peft converted them on save (it then resets init_lora_weights).
-_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+# Not "mica": MiCA only sets B from the base's SVD and A to zero; the base stays as it is and the update is s*B@A.
+_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# The heads peft's task model classes add to modules_to_save whatever the config lists
+# (PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
 _CARRIED_SUFFIX = ".base_layer.weight"  # a targeted embedding's full weight, saved by peft's save_embedding_layers
@@ -160,7 +164,7 @@ def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule],
     check_config(config, label)
     tensors = _read_tensors(folder, label, config)
     extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
-    saved = {key: tensors.pop(key) for key in list(tensors) if _is_saved_module(key, config.get("modules_to_save"))}
+    saved = {key: tensors.pop(key) for key in list(tensors) if saved_module(key, config) is not None}
     modules = _modules_from_tensors(tensors, config, label)
     if not modules:
         raise NanPeftError(f"{label}: the adapter holds no LoRA weights")
@@ -170,14 +174,26 @@ def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule],
     return config, modules, extras, saved
 
 
-def _is_saved_module(key: str, modules_to_save) -> bool:
-    """Is `key` a parameter of a module named in modules_to_save (matched by peft's rule: the module path
-    equals a name or ends with "." + name)?"""
-    if not modules_to_save or not key.startswith(KEY_PREFIX):
-        return False
-    module = key.removeprefix(KEY_PREFIX).rpartition(".")[0]
-    names = [modules_to_save] if isinstance(modules_to_save, str) else modules_to_save
-    return any(module == name or module.endswith(f".{name}") for name in names)
+def saved_module(key: str, config: Mapping) -> str | None:
+    """The module of modules_to_save that holds the tensor `key`, as a path without "base_model.model.", or None.
+
+    peft wraps every module whose path ends with a listed name (peft.utils.other._set_trainable; its task model
+    classes add their head names, _TASK_HEADS) and saves the wrapped module's whole state dict, so the tensor
+    belongs to the outermost ancestor of its module (the module itself included) whose path ends with a name:
+    "classifier" for base_model.model.classifier.weight and for a RoBERTa head's classifier.dense.weight.
+    LoRA factors never belong to a saved module.
+    """
+    names = config.get("modules_to_save") or ()
+    names = [names] if isinstance(names, str) else [name for name in names if isinstance(name, str) and name]
+    names += _TASK_HEADS.get(config.get("task_type"), ())
+    if not names or not key.startswith(KEY_PREFIX) or _KEY.match(key):
+        return None
+    parts = key.removeprefix(KEY_PREFIX).split(".")[:-1]
+    for end in range(1, len(parts) + 1):
+        path = ".".join(parts[:end])
+        if any(path.endswith(name) for name in names):
+            return path
+    return None
 
 
 def _file_states(folder: Path) -> tuple:

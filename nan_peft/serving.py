@@ -180,15 +180,13 @@ def _stacking_engine(facts: _Facts, engine: str, bgmv_max_rank: int | None) -> l
     for name, ranks in sorted(facts.stacks.items()):
         if len(set(ranks.values())) > 1:
             found.append(Finding("error", f"{engine} stacks the {name} modules of all layers into one tensor; their ranks differ ({sorted(set(ranks.values()))})"))
-    coverage = {name: {layer_index(p) for p in paths} for name, paths in facts.stacks.items() if "*" in name}
-    widest = set().union(*coverage.values()) if coverage else set()
-    partial = sorted(name for name, layers in coverage.items() if layers != widest)
+    partial = _partial_stacks(facts)
     if config.get("layers_to_transform") is not None or partial:
         found.append(
             Finding(
                 "error",
                 f"{engine} applies a module type only if every layer of the model has it and drops it otherwise"
-                + (f" ({', '.join(partial)} cover fewer layers than the adapter's other modules)" if partial else " (layers_to_transform is set)"),
+                + (f" ({', '.join(partial)} cover fewer layers than the model has)" if partial else " (layers_to_transform is set)"),
             )
         )
     if facts.extras:
@@ -204,6 +202,23 @@ def _stacking_engine(facts: _Facts, engine: str, bgmv_max_rank: int | None) -> l
     elif bgmv_max_rank is not None and facts.rank > bgmv_max_rank:
         found.append(Finding("warning", f"rank {facts.rank} is above {bgmv_max_rank}: {engine} decodes with its slower SGMV path"))
     return found
+
+
+def _partial_stacks(facts: _Facts) -> list[str]:
+    """The layered module types ('model.layers.*.self_attn.q_proj') that some layer of the model lacks, seen from
+    the module paths alone: layers are numbered from 0, so a model whose adapter reaches layer n has layers 0..n,
+    and a type missing any of them is partial (layers_to_transform, or a merge of such adapters, which keeps
+    no config). Layer stacks ('model.layers', 'encoder.layer') are counted apart. A type missing only layers
+    above the adapter's highest one cannot be seen here."""
+    stacks: dict[str, dict[str, set[int]]] = {}  # the path before the layer number -> {module type: layers}
+    for name, paths in facts.stacks.items():
+        if "*" in name:
+            stacks.setdefault(name.partition(".*.")[0], {})[name] = {layer_index(p) for p in paths}
+    partial = []
+    for types in stacks.values():
+        model_layers = set(range(max(max(layers) for layers in types.values()) + 1))
+        partial += [name for name, layers in types.items() if layers != model_layers]
+    return sorted(partial)
 
 
 def _peft(facts: _Facts) -> list[Finding]:

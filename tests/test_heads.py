@@ -21,14 +21,17 @@ def bert(num_labels: int) -> BertForSequenceClassification:
     return BertForSequenceClassification(config).eval()
 
 
-def make_task_adapter(folder, labels, seed, magnitude, r=4):
-    model = get_peft_model(bert(labels), LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=8, target_modules=["query", "value"]))
+def make_task_adapter(folder, labels, seed, magnitude, r=4, model=None, **lora):
+    """A SEQ_CLS adapter on tiny BERT (or `model(labels)`): random LoRA factors and head."""
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=8, target_modules=["query", "value"], **lora)
+    build = model or bert
+    model = get_peft_model(build(labels), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * magnitude)
-    model.peft_config["default"].base_model_name_or_path = "tiny-bert"
+    model.peft_config["default"].base_model_name_or_path = f"tiny-{build.__name__}"
     model.save_pretrained(folder)
     return folder
 
@@ -142,3 +145,68 @@ def test_cli_and_recipe_write_what_python_writes(tasks, tmp_path, monkeypatch):
     dropped = CliRunner().invoke(cli, ["merge", *paths, "-o", "dropped"])
     assert "note: the sources carry full modules (classifier: modules_to_save)" in dropped.stderr
     assert not any(p.is_dir() for p in (tmp_path / "dropped").iterdir())
+
+
+def roberta(num_labels: int):
+    """RoBERTa's classification head has sub-layers (classifier.dense, classifier.out_proj)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)  # the same body for every label count
+    config = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, max_position_embeddings=40, num_labels=num_labels)
+    return RobertaForSequenceClassification(config).eval()
+
+
+ROBERTA_LABELS = {"nli": 3, "polarity": 2}
+
+
+@pytest.fixture(scope="module")
+def roberta_tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("roberta")
+    return {name: make_task_adapter(root / name, labels, seed, 0.05 * (seed + 1), model=roberta, modules_to_save=["classifier"])
+            for seed, (name, labels) in enumerate(ROBERTA_LABELS.items())}
+
+
+def test_nested_head_is_read_as_the_configured_module(roberta_tasks, tmp_path):
+    """peft saves classifier.dense.* / classifier.out_proj.*; they are one saved module, "classifier", and an
+    adapter written back loads in peft with the same logits as the original."""
+    adapter = read_adapter(roberta_tasks["nli"])
+    assert adapter.saved_modules == ["classifier"]
+    assert sorted(adapter.saved) == [f"base_model.model.classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("bias", "weight")]
+    from nan_peft import write_adapter
+
+    write_adapter(adapter, tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    with torch.no_grad():
+        original = PeftModel.from_pretrained(roberta(3), roberta_tasks["nli"]).eval()(IDS).logits
+        again = PeftModel.from_pretrained(roberta(3), tmp_path / "again").eval()(IDS).logits
+    torch.testing.assert_close(again, original, rtol=1e-5, atol=1e-6)
+
+
+def test_nested_heads_per_task_load_in_peft(roberta_tasks, tmp_path):
+    """Two RoBERTa adapters, each with its own nested head: every per-task folder loads in peft and gives the
+    logits of base + sum_k c_k dW_k (peft's own updates) with that task's head (peft's own loaded copy)."""
+    result = merge_adapters(list(roberta_tasks.values()))
+    assert set(result.heads) == set(ROBERTA_LABELS)
+    assert result.notices() and "(classifier: modules_to_save)" in result.notices()[0]
+    result.save_pretrained(tmp_path / "out", heads="per_task")
+    c = dict(zip(roberta_tasks, result.coefficients.per_adapter.tolist()))
+    sources = {name: PeftModel.from_pretrained(roberta(ROBERTA_LABELS[name]), path, adapter_name=name).eval()
+               for name, path in roberta_tasks.items()}
+    for task, labels in ROBERTA_LABELS.items():
+        config = json.loads((tmp_path / "out" / task / "adapter_config.json").read_text())
+        assert config["modules_to_save"] == ["classifier"]
+        expected = roberta(labels)
+        with torch.no_grad():
+            for name, model in sources.items():
+                for module, delta in peft_deltas(model).items():
+                    weight = expected.get_submodule(module).weight
+                    weight += (c[name] * delta[name]).to(weight.dtype)
+            head = sources[task].base_model.model.classifier.modules_to_save[task]
+            expected.classifier.load_state_dict(head.state_dict())
+            reference = expected(IDS).logits
+            ours = PeftModel.from_pretrained(roberta(labels), tmp_path / "out", subfolder=task).eval()(IDS).logits
+        assert ours.shape == (3, labels)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+        assert read_adapter(tmp_path / "out" / task).saved_modules == ["classifier"]

@@ -75,3 +75,56 @@ def test_live_merge_on_a_model_placed_by_accelerate(llama_adapters, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result.coefficients.values, offline.coefficients.values)
+
+
+def head_adapter(folder, seed):
+    """A peft adapter that also retrains lm_head (modules_to_save)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(BASES[LLAMA](), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_live_reads_saved_modules_like_offline(tmp_path):
+    """The sources' lm_head copies are read into `saved` (equal to what peft saved), the live merge says what it
+    leaves out as merge_adapters does, per-task saving and the fold refusal see the heads, and the new adapter
+    computes what the offline merge (heads dropped) computes in peft."""
+    from safetensors.torch import load_file
+
+    paths = [head_adapter(tmp_path / f"h{i}", seed=i) for i in range(2)]
+    model = PeftModel.from_pretrained(BASES[LLAMA](), paths[0], adapter_name="s0")
+    model.load_adapter(paths[1], adapter_name="s1")
+    for i, path in enumerate(paths):
+        live = adapter_from_model(model, f"s{i}")
+        on_disk = {k: v for k, v in load_file(path / "adapter_model.safetensors").items() if "lora_" not in k}
+        assert sorted(live.saved) == sorted(on_disk) == ["base_model.model.lm_head.weight"]
+        assert all(torch.equal(live.saved[k], on_disk[k]) for k in on_disk) and live.saved_modules == ["lm_head"]
+
+    offline = merge_adapters(paths)
+    with pytest.warns(UserWarning, match=r"full modules \(lm_head: modules_to_save\) that are left out"):
+        result = add_nan_weighted_adapter(model, ["s0", "s1"], "merged")
+    assert result.notices() == offline.notices() != []
+    assert set(result.heads) == {"s0", "s1"}
+    with pytest.raises(NanPeftError, match=r"carry full modules \(lm_head: modules_to_save\)"):
+        result.fold_into(tmp_path / "base", tmp_path / "folded")
+
+    with pytest.warns(UserWarning, match="left out"):
+        offline.save_pretrained(tmp_path / "offline")  # heads dropped: the merged LoRA alone
+    reference = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "offline").eval()
+    model.set_adapter("merged")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=1e-5, atol=1e-6)
+
+    result.save_pretrained(tmp_path / "per_task", heads="per_task")  # each head with the merged LoRA, as offline
+    for i, path in enumerate(paths):
+        with torch.no_grad():
+            ours = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "per_task", subfolder=f"s{i}").eval()(input_ids()).logits
+            expected = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "offline").eval()
+            expected.base_model.model.lm_head.weight.copy_(load_file(path / "adapter_model.safetensors")["base_model.model.lm_head.weight"])
+            torch.testing.assert_close(ours, expected(input_ids()).logits, rtol=1e-5, atol=1e-6)

@@ -246,3 +246,37 @@ def test_hub_id_offline_fails_in_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(NanPeftError, match=r"^someone/some-adapter: no such folder, and fetching it from the Hub failed \(\w+\)$"):
         read_adapter("someone/some-adapter")
+
+
+def test_mica_adapter_equals_peft_update(tmp_path):
+    """MiCA (init_lora_weights="mica") sets B from the base's SVD and A to zero and leaves the base as it is:
+    its update on the unchanged base is s*B@A, which peft computes too."""
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="mica"))
+    unchanged = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(unchanged[k], v) for k, v in before.items())
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name:  # MiCA trains A only
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    model.save_pretrained(tmp_path / "mica")
+    assert json.loads((tmp_path / "mica" / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
+    assert_matches_peft(LLAMA, [tmp_path / "mica"])
+    assert len(read_adapter(tmp_path / "mica").modules) == 4
+
+
+def test_saved_module_follows_peft_matching():
+    """A tensor belongs to the outermost module whose path ends with a modules_to_save name (peft's
+    _set_trainable rule), or a head peft's task class adds; LoRA factors never do."""
+    from nan_peft.reader import saved_module
+
+    config = {"modules_to_save": ["classifier", "head"]}
+    assert saved_module("base_model.model.classifier.dense.weight", config) == "classifier"
+    assert saved_module("base_model.model.classifier.weight", config) == "classifier"
+    assert saved_module("base_model.model.lm_head.weight", config) == "lm_head"  # peft wraps lm_head for "head"
+    assert saved_module("base_model.model.model.norm.weight", config) is None
+    assert saved_module("base_model.model.classifier.lora_A.weight", config) is None
+    assert saved_module("base_model.model.score.weight", {"task_type": "SEQ_CLS"}) == "score"
+    assert saved_module("base_model.model.score.weight", {"task_type": "CAUSAL_LM"}) is None
