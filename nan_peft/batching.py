@@ -124,9 +124,13 @@ def stacked_chunks(
 
     side "A": pieces (G, R, c) of [A_1; ...; A_K][:, s], s a slice of the n columns;
     side "B": pieces (G, c, R) of [B_1 | ... | B_K][s, :], s a slice of the m rows. The weights are not applied.
+    A piece holds at least one column (row) of the G stacks, G * R values: where `buffer` is smaller than that
+    (a tiny max_batch_bytes), the pieces go to a fresh buffer of exactly that size instead.
     """
     chunk = group.terms[start:stop]
     G, R = len(chunk), group.rank
+    if buffer.numel() < G * R:
+        buffer = buffer.new_empty(G * R)
     length = group.n if side == "A" else group.m
     step = max(1, min(length, buffer.numel() // (G * R)))
     step = -(-length // -(-length // step))  # pieces of even sizes: no small last one

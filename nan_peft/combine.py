@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,12 +51,32 @@ def weighted_terms(adapters: Sequence[LoraAdapter], coefficients: Coefficients, 
     return terms
 
 
+def balanced_scales(module: LoraModule, weight: float) -> tuple[float, float]:
+    """(t, weight / t): the weight of the term weight * B @ A split between A's rows and B's columns, so that
+    t A and (weight / t) B have entries of comparable size. Folding all of weight into B (weight = c s, often
+    1e-2 or less, times a B of 1e-4) pushes B's entries into float16's subnormal range; balanced, each factor
+    carries the geometric mean of the magnitudes. t is the power of two nearest sqrt(|weight| rms(B) / rms(A))
+    (sqrt(|weight|) where a factor is zero): scaling by it is exact, so only (weight / t) B rounds, once, and
+    (t A) ((weight / t) B) = weight B A in any precision but for under/overflow."""
+    if weight == 0:
+        return 1.0, 0.0
+    a = float(torch.linalg.vector_norm(module.A, dtype=torch.float64)) / math.sqrt(module.A.numel())
+    b = float(torch.linalg.vector_norm(module.B, dtype=torch.float64)) / math.sqrt(module.B.numel())
+    ideal = abs(weight) * (b / a if a > 0 and b > 0 else 1.0)
+    if not (math.isfinite(ideal) and ideal > 0):
+        return 1.0, weight
+    t = math.ldexp(1.0, round(0.5 * math.log2(ideal)))
+    return t, weight / t
+
+
 def stacked_factors(
     terms: Sequence[Term], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) = ([w_1 B_1 | ... | w_K B_K], [A_1; ...; A_K]) in `dtype`: B @ A = sum_k w_k B_k A_k."""
-    B = torch.cat([module.B.to(device, dtype) * weight for _, module, weight in terms], dim=1)
-    A = torch.cat([module.A.to(device, dtype) for _, module, _ in terms])
+    """(B, A) = ([w_1 B_1 / t_1 | ... | w_K B_K / t_K], [t_1 A_1; ...; t_K A_K]) in `dtype`, t_k from
+    balanced_scales (powers of two): B @ A = sum_k w_k B_k A_k."""
+    scales = [balanced_scales(module, weight) for _, module, weight in terms]
+    B = torch.cat([module.B.to(device, dtype) * b for (_, module, _), (_, b) in zip(terms, scales)], dim=1)
+    A = torch.cat([module.A.to(device, dtype) * a for (_, module, _), (a, _) in zip(terms, scales)])
     return B, A
 
 
@@ -79,8 +100,9 @@ def combine(
     """Merge the weighted updates c_k s_k B_k A_k of every module with `rule` into factors (B, A), scale 1.
 
     task_arithmetic, scale * sum_k c_k s_k B_k A_k, runs on the factors: "cat" stacks them,
-    [c_1 s_1 B_1 | ... | c_K s_K B_K] @ [A_1; ...; A_K], exact with rank sum_k r_k; "svd" keeps the best
-    rank-`rank` approximation of that product (gram.truncate_low_rank) in float64 on `device`, never the
+    [w_1 B_1 / t_1 | ... | w_K B_K / t_K] @ [t_1 A_1; ...; t_K A_K] with w_k = scale c_k s_k and t_k the power
+    of two that balances the two factors' magnitudes (balanced_scales), exact with rank sum_k r_k; "svd" keeps
+    the best rank-`rank` approximation of that product (gram.truncate_low_rank) in float64 on `device`, never the
     dense matrix. Other rules (TIES, DARE, ...) act entry-wise, so each module's updates are built densely
     on `device`, one module at a time, merged, and truncated back to rank `rank` by SVD ("svd" only).
     Modules where every coefficient is 0 are left out (their update is zero); the discarded norm is reported.
@@ -125,18 +147,24 @@ def _cat(terms, norms, rank, dtype):
 
 def _cat_factors(terms: Sequence[Term], rank: int, dtype: torch.dtype, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pad_rank(*stacked_factors(terms), rank) cast to `dtype`, the same numbers, written straight into the
-    output: each w_k B_k is formed in float64 a piece at a time in `buffer` (cache-sized) and rounded once."""
+    output: each t_k A_k and (w_k / t_k) B_k (balanced_scales) is formed in float64 a piece at a time in
+    `buffer` (cache-sized) and rounded once."""
     m, n = terms[0][1].B.shape[0], terms[0][1].A.shape[1]
     A = torch.zeros((rank, n), dtype=dtype)
     B = torch.zeros((m, rank), dtype=dtype)
+    size = buffer.numel()
     offset = 0
     for _, module, weight in terms:
         r = module.rank
-        A[offset : offset + r].copy_(module.A)
-        step = max(1, buffer.numel() // r)
+        a_scale, b_scale = balanced_scales(module, weight)
+        source, target = module.A.reshape(-1), A[offset : offset + r].view(-1)  # whole rows: contiguous
+        for begin in range(0, source.numel(), size):
+            values = source[begin : begin + size]
+            target[begin : begin + size].copy_(buffer[: values.numel()].copy_(values).mul_(a_scale))
+        step = max(1, size // r)
         for begin in range(0, m, step):
             rows = module.B[begin : begin + step]
-            B[begin : begin + step, offset : offset + r].copy_(buffer[: rows.numel()].view(rows.shape).copy_(rows).mul_(weight))
+            B[begin : begin + step, offset : offset + r].copy_(buffer[: rows.numel()].view(rows.shape).copy_(rows).mul_(b_scale))
         offset += r
     return B, A
 
@@ -248,5 +276,7 @@ def _dense(adapters, coefficients, rule, options, rank, device, dtype):
 def _like(template: LoraModule, A: torch.Tensor, B: torch.Tensor, path: str) -> LoraModule:
     """The merged factors as a module laid out like `template`; refuses factors the output dtype cannot hold."""
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-        raise NanPeftError(f"the merged factors of {path} overflow {str(B.dtype).removeprefix('torch.')}; merge with dtype=float32 (--dtype float32)")
+        dtype = str(B.dtype).removeprefix("torch.")
+        fix = "merge with dtype=float32 (--dtype float32)" if B.element_size() < 4 else "check the adapters' scales and the merge's options"
+        raise NanPeftError(f"the merged factors of {path} overflow {dtype}; {fix}")
     return LoraModule(A.contiguous(), B.contiguous(), 1.0, template.kind, template.a_tail, template.b_tail, template.fan_in_fan_out)

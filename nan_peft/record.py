@@ -159,7 +159,7 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
         f"model = PeftModel.from_pretrained(base, {json.dumps(output)})",
         "```",
         "",
-        f"The adapter has one rank ({record['rank']}) and its scale baked into lora_B (lora_alpha = r), so serving "
+        f"The adapter has one rank ({record['rank']}) and its scales baked into the factors (lora_alpha = r), so serving "
         "engines that hot-swap adapters (vLLM, LoRAX, TGI) load it as is; `nan-peft inspect` checks this.",
         "",
         "## Reproduce it",

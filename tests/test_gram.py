@@ -71,3 +71,44 @@ def test_pad_rank_keeps_product():
     torch.testing.assert_close(B_p @ A_p, B @ A)
     with pytest.raises(ValueError):
         pad_rank(B, A, 2)
+
+
+@pytest.mark.parametrize("max_batch_bytes", [8, 8 * 5, 1])
+def test_tiny_batch_buffer_gives_the_same_numbers(max_batch_bytes):
+    """A buffer smaller than one column of a stack (G * R float64 values; here R = 16 + 3) used to crash
+    stacked_chunks with a RuntimeError; the pieces are now at least one column. The Grams and the svd merge
+    equal the default batching's (to float64 summation order) and the dense float64 references."""
+    from nan_peft import LoraAdapter, LoraModule, merge_adapters, update_gram
+    from nan_peft.combine import combine
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"x": (32, 24), "y": (32, 24), "z": (7, 40)}
+    ranks = ((16, 3), (16, 3), (5, 2))
+    adapters = [
+        LoraAdapter(name, "", {}, {
+            path: LoraModule(torch.randn(r[k], n, generator=g, dtype=torch.float64), torch.randn(m, r[k], generator=g, dtype=torch.float64), 0.5 + k)
+            for (path, (m, n)), r in zip(shapes.items(), ranks)
+        })
+        for k, name in enumerate("ab")
+    ]
+    tiny, whole = update_gram(adapters, max_batch_bytes=max_batch_bytes), update_gram(adapters)
+    torch.testing.assert_close(tiny.inner, whole.inner, rtol=1e-13, atol=0)
+    for m_, path in enumerate(whole.modules):
+        deltas = [a.modules[path].scale * a.modules[path].B @ a.modules[path].A for a in adapters]
+        expected = torch.tensor([[float((di * dj).sum()) for dj in deltas] for di in deltas], dtype=torch.float64)
+        torch.testing.assert_close(tiny.inner[m_], expected, rtol=1e-12, atol=1e-10)
+
+    weights, rank = [0.7, -0.4], 6
+    result = merge_adapters(adapters, coefficients=weights, combine="svd", rank=rank, dtype=torch.float64)
+    args = (result.sources, result.coefficients, result.gram, "svd", rank)
+    merged, report = combine(*args, dtype=torch.float64, max_batch_bytes=max_batch_bytes)
+    default, default_report = combine(*args, dtype=torch.float64)
+    for path in shapes:
+        product = merged[path].B @ merged[path].A
+        torch.testing.assert_close(product, default[path].B @ default[path].A, rtol=1e-12, atol=1e-12)
+        dense = sum(w * a.modules[path].scale * a.modules[path].B @ a.modules[path].A for w, a in zip(weights, adapters))
+        U, S, Vh = torch.linalg.svd(dense)
+        torch.testing.assert_close(product, (U[:, :rank] * S[:rank]) @ Vh[:rank], rtol=1e-9, atol=1e-9)
+    assert [(r.module, r.rank) for r in report] == [(r.module, r.rank) for r in default_report]
+    for r, d in zip(report, default_report):
+        assert r.norm == pytest.approx(d.norm, rel=1e-12) and r.discarded == pytest.approx(d.discarded, rel=1e-9, abs=1e-12)

@@ -226,15 +226,16 @@ def test_fp16_bf16_fp32_inputs_merge_exactly(tmp_path):
 
 
 def test_float16_overflow_is_never_written(tmp_path):
-    """c * s * B beyond 65504 becomes Inf in float16: the merge refuses it, and so does the writer."""
-    paths = [make_adapter(tmp_path / n, seed=s, magnitude=1.0, dtype=torch.float16, lora_alpha=2_000_000) for n, s in (("a", 1), ("b", 2))]
+    """Factors beyond 65504 become Inf in float16 (c * s is split between A and B, each about sqrt(c * s) here):
+    the merge refuses it, and so does the writer."""
+    paths = [make_adapter(tmp_path / n, seed=s, magnitude=1.0, dtype=torch.float16, lora_alpha=2_000_000_000_000) for n, s in (("a", 1), ("b", 2))]
     with pytest.raises(NanPeftError, match=r"the merged factors of model\..* overflow float16; merge with dtype=float32"):
         merge_adapters(paths, combine="cat")
     safe = merge_adapters(paths, combine="cat", dtype=torch.float32)
     assert all(torch.isfinite(m.B).all() for m in safe.adapter.modules.values())
     module = next(iter(safe.adapter.modules.values()))
     broken = LoraAdapter("broken", "", safe.adapter.config, {"model.x": LoraModule(module.A.half(), module.B.half(), 1.0)})
-    with pytest.raises(NanPeftError, match=r"cannot write base_model\.model\.model\.x\.lora_B\.weight: it holds NaN or Inf \(float16 overflow\? merge with dtype=float32\)"):
+    with pytest.raises(NanPeftError, match=r"cannot write base_model\.model\.model\.x\.lora_[AB]\.weight: it holds NaN or Inf \(float16 overflow\? merge with dtype=float32\)"):
         write_adapter(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     safe.save_pretrained(tmp_path / "out")

@@ -21,7 +21,8 @@ def trimmed(delta, density):
 
 
 def disjoint(taus, weights, normalize=True):
-    """TIES steps 2 and 3 with coefficients: elect the sign of sum_k w_k tau_k, weighted mean of agreeing entries."""
+    """TIES steps 2 and 3 with coefficients: elect the sign of sum_k w_k tau_k, then the |w_k|-weighted mean of
+    the agreeing entries, sum_agree w_k tau_k / sum_agree |w_k| (a negative weight keeps its negation)."""
     shape = taus[0].shape
     flats = [t.flatten() for t in taus]
     out = torch.zeros(flats[0].numel(), dtype=torch.float64)
@@ -31,7 +32,7 @@ def disjoint(taus, weights, normalize=True):
         gamma = (total > 0) - (total < 0)
         agree = [k for k, v in enumerate(values) if float(flats[k][p]) != 0 and ((v > 0) - (v < 0)) == gamma]
         if agree:
-            out[p] = sum(values[k] for k in agree) / (sum(weights[k] for k in agree) if normalize else 1.0)
+            out[p] = sum(values[k] for k in agree) / (sum(abs(weights[k]) for k in agree) if normalize else 1.0)
     return out.reshape(shape)
 
 
@@ -57,6 +58,57 @@ def test_ties_degenerate_cases():
     torch.testing.assert_close(RULES["ties"](deltas, w, None, density=1.0), (w[:, None, None] * deltas).sum(0) / w.sum())
     one = random_deltas(K=1)  # a single update survives TIES unchanged but for trimming
     torch.testing.assert_close(RULES["ties"](one, torch.tensor([0.4], dtype=torch.float64), None, density=0.5), trimmed(one[0], 0.5))
+
+
+
+@pytest.mark.parametrize("density", [0.5, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_reference_with_mixed_sign_weights(density, normalize):
+    deltas, weights = random_deltas(K=4, seed=6), [1.0, -0.9, 0.3, -0.05]
+    expected = disjoint([trimmed(d, density) for d in deltas], weights, normalize)
+    got = RULES["ties"](deltas, torch.tensor(weights, dtype=torch.float64), None, density=density, normalize=normalize)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _one_module_adapters(K, seed=0, m=6, n=10, r=4):
+    from nan_peft import LoraAdapter, LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+    factors = [(torch.randn(r, n, generator=g, dtype=torch.float64), torch.randn(m, r, generator=g, dtype=torch.float64)) for _ in range(K)]
+    adapters = [LoraAdapter(f"a{k}", "", {}, {"m": LoraModule(A, B, 0.5)}) for k, (A, B) in enumerate(factors)]
+    return adapters, [0.5 * (B @ A) for A, B in factors]  # dense float64 dW_k = s_k B_k A_k
+
+
+def _merged(result):
+    mod = result.adapter.modules["m"]
+    return mod.scale * (mod.B.double() @ mod.A.double())
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_negative_weight_negates_under_sign_consensus(method):
+    """Task negation: one adapter with coefficient -1 gives -dW (a signed divisor gave +dW back)."""
+    adapters, (dW,) = _one_module_adapters(1)
+    result = merge_adapters(adapters, coefficients=[-1.0], method=method, density=1.0, rank=6, dtype=torch.float64)
+    torch.testing.assert_close(_merged(result), -dW, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_mixed_sign_weights_do_not_inflate(method):
+    """Weights [1, -0.9]: where both agree the signed divisor was 1 - 0.9 = 0.1 (a 10x blow-up). Now each entry
+    is the |c_k|-weighted mean of the agreeing sign(c_k) dW_k (the dense reference), so it lies within
+    max_k |dW_k| entrywise. (Not always within max_k |c_k dW_k| entrywise: where both agree the result is
+    (|c_1 dW_1| + |c_2 dW_2|) / 1.9, up to 2/1.9 = 1.05 times the larger term.)"""
+    adapters, dWs = _one_module_adapters(2)
+    weights = [1.0, -0.9]
+    result = merge_adapters(adapters, coefficients=weights, method=method, density=1.0, rank=6, dtype=torch.float64)
+    got = _merged(result)
+    torch.testing.assert_close(got, disjoint(dWs, weights), rtol=1e-10, atol=1e-10)
+    assert (got.abs() <= torch.stack(dWs).abs().amax(0) + 1e-10).all()
+    # the bug this guards against: the signed divisor inflated the agreeing entries 10x past that bound
+    weighted = torch.stack([w * d for w, d in zip(weights, dWs)])
+    both = weighted[0].sign() == weighted[1].sign()
+    signed = torch.where(both, weighted.sum(0) / 0.1, got)
+    assert signed.abs().max() > 3 * torch.stack(dWs).abs().max()
 
 
 @pytest.mark.parametrize("density", [0.3, 1.0])

@@ -56,8 +56,11 @@ def merge_family(
     sparsify: None, "magnitude" (trim) or "random" (DARE drop and rescale), at `density`.
     Without consensus: sum_k c_k dW'_k. With consensus (TIES): entries whose weighted sign disagrees with
     the elected sign, or that were sparsified away, are left out; with `normalize` the rest is averaged
-    with weights c_k (sum_k c_k dW'_k [agree] / sum_k c_k [agree], TIES's disjoint mean with the coefficients
-    plugged in), else summed.
+    with weights |c_k| (sum_k c_k dW'_k [agree] / sum_k |c_k| [agree], TIES's disjoint mean with the
+    coefficients plugged in), else summed. Each entry is then a convex combination of the agreeing
+    sign(c_k) dW'_k: a negative coefficient keeps its negation (one adapter with c = -1 gives -dW') and
+    mixed-sign coefficients never inflate the result (a signed divisor c_1 + c_2 could be near 0). For
+    positive coefficients |c_k| = c_k.
     """
     if not 0 < density <= 1:
         raise NanPeftError(f"density must be in (0, 1], got {density}")
@@ -74,6 +77,6 @@ def merge_family(
     agree = (weighted.sign() == elect_sign(weighted)) & (deltas != 0)
     merged = (weighted * agree).sum(0)
     if normalize:
-        divisor = (c * agree).sum(0)
+        divisor = (c.abs() * agree).sum(0)
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return scale * merged

@@ -1,5 +1,6 @@
 """TIES-Merging (Yadav et al. 2023): trim each update to its top-`density` magnitudes, elect the sign of
-each entry by mass, take the coefficient-weighted mean of the entries that agree, scale by lambda."""
+each entry by mass, take the |c_k|-weighted mean of the
+entries that agree (sum c_k dW_k / sum |c_k|: a negative coefficient negates), scale by lambda."""
 
 import torch
 
