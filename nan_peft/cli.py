@@ -285,6 +285,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     """
     from .merge import merge_adapters
     from .record import input_entry, merge_record, provenance_files
+    from .writer import check_output
 
     recipe_data = _load_recipe(recipe) if recipe else {}
     heads = given.pop("heads", None) or recipe_data.get("heads") or "drop"
@@ -313,8 +314,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     if "dtype" in options:
         options["dtype"] = _dtype(options["dtype"])
     device = _device(options.pop("device", None))
-    if Path(output).exists() and not force:
-        raise NanPeftError(f"{output} already exists; pass --force to replace it")
+    check_output(output, force, "--force")
 
     sources = _read(paths, quiet, bool(options.get("allow_different_bases")), bool(options.get("allow_duplicates")))
     with _stage("norms, coefficients, merge", quiet):

@@ -35,7 +35,7 @@ from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraModule
 from .reader import resolve_folder
 from .rules import LOW_RANK
-from .writer import check_file_names, publish_folder, write_files
+from .writer import check_file_names, check_output, publish_folder, write_files
 
 if TYPE_CHECKING:
     from .merge import MergeResult
@@ -131,9 +131,7 @@ def fold_into(
     disk offload is refused.
     extra_files: {name: content} written into the output too (a model card, a merge record).
     """
-    output = Path(output)
-    if output.exists() and not (overwrite and output.is_dir()):
-        raise NanPeftError(f"{output} already exists; pass overwrite=True / --force to replace it")
+    output = check_output(output, overwrite)
     carried = sorted({m for source in result.sources for m in source.saved_modules})
     if carried:
         raise NanPeftError(f"the adapters carry full modules ({', '.join(carried)}: modules_to_save); folding them is not supported")

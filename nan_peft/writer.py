@@ -166,12 +166,9 @@ def publish_folder(
     leaves it behind, and the next publish of the same folder from this host removes it once its process is
     gone. `folder` may not be, contain or sit inside a `protected` folder (the inputs of a merge).
     """
-    folder = Path(folder)
-    _refuse_protected(folder, protected)
-    remove_stale_temporaries(folder)
-    if folder.exists() and not (overwrite and folder.is_dir()):
-        what = "a file" if not folder.is_dir() else "a folder"
-        raise NanPeftError(f"{folder} already exists ({what}); pass overwrite=True / --force to replace it")
+    _refuse_protected(Path(folder), protected)
+    remove_stale_temporaries(folder)  # may put back an output a killed swap left aside
+    folder = check_output(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
     try:
@@ -179,7 +176,9 @@ def publish_folder(
         _sync(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        # mkdtemp makes the folder 0700 and safetensors its files 0600: readable by a server of another user
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if folder.exists():
             _swap_in(tmp, folder)
             _remove(tmp)  # now holds the old contents
@@ -189,6 +188,30 @@ def publish_folder(
     except BaseException:
         _remove(tmp)
         raise
+    return folder
+
+
+def check_output(folder: str | os.PathLike, overwrite: bool = False, force: str = "overwrite=True / --force") -> Path:
+    """The output folder as an absolute path, after refusing what cannot be written: an existing one without
+    `overwrite` (`force` names the way to allow it), a file or a broken link (never replaced), the current
+    folder, a place under a file or where this user may not write. Called before any work, so that a merge does
+    not fail only at its end."""
+    given, folder = folder, Path(os.path.abspath(folder))
+    if folder == Path.cwd() or folder.parent == folder:
+        raise NanPeftError(f"{given} is the current folder (or the root): write the output into a new folder")
+    if folder.is_symlink() and not folder.exists():
+        raise NanPeftError(f"{given} is a broken symbolic link: remove it or choose another output folder")
+    if folder.exists() and not folder.is_dir():
+        raise NanPeftError(f"{given} is a file: the output is a folder, and a file is never replaced; choose another name")
+    if folder.exists() and not overwrite:
+        raise NanPeftError(f"{given} already exists; pass {force} to replace it")
+    ancestor = folder.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NanPeftError(f"cannot write {given}: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise NanPeftError(f"cannot write {given}: no permission to write in {ancestor}")
     return folder
 
 

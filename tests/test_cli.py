@@ -306,6 +306,39 @@ def test_refuses_to_overwrite_without_force(here):
     assert leftovers(here, "out-keep") == []
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(here, monkeypatch):
+    """A file, a broken link, the current folder, a path under a file: one line naming the output, before the
+    adapters are read (reading is made to fail here, so reaching it would show), and nothing changed."""
+    import nan_peft.cli
+
+    monkeypatch.setattr(nan_peft.cli, "_read", lambda *a, **k: pytest.fail("read the adapters before checking -o"))
+    (here / "a-file").write_text("keep")
+    (here / "dangling").symlink_to(here / "nowhere")
+    cases = [("a-file", "a-file is a file: the output is a folder, and a file is never replaced"),
+             ("dangling", "dangling is a broken symbolic link"),
+             (".", ". is the current folder"),
+             ("a-file/sub", "cannot write a-file/sub: ")]
+    for output, message in cases:
+        assert message in fail(1, "merge", "small", "large", "-o", output, "--force"), output
+    assert (here / "a-file").read_text() == "keep" and (here / "dangling").is_symlink()
+    (here / "a-file").unlink()
+    (here / "dangling").unlink()
+
+
+def test_written_files_are_readable_as_the_umask_says(here, tmp_path):
+    """safetensors creates its files 0600 and mkdtemp its folder 0700: a server running as another user could
+    not read the adapter. Everything written gets the modes the umask gives new files and folders."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        ok("merge", "small", "large", "-o", tmp_path / "modes", "-q")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "modes").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "modes").iterdir()} == dict.fromkeys(WRITTEN, 0o644)
+
+
 def test_never_writes_over_an_input_even_with_force(here):
     before = folder_bytes(here / "small")
     line = fail(1, "merge", "small", "large", "-o", "small", "--force")
