@@ -60,8 +60,9 @@ def balanced_scales(module: LoraModule, weight: float) -> tuple[float, float]:
     (t A) ((weight / t) B) = weight B A in any precision but for under/overflow."""
     if weight == 0:
         return 1.0, 0.0
-    a = float(torch.linalg.vector_norm(module.A, dtype=torch.float64)) / math.sqrt(module.A.numel())
-    b = float(torch.linalg.vector_norm(module.B, dtype=torch.float64)) / math.sqrt(module.B.numel())
+    # float32 norms: only the power of two nearest their ratio matters (a non-finite one falls back below)
+    a = float(torch.linalg.vector_norm(module.A, dtype=torch.float32)) / math.sqrt(module.A.numel())
+    b = float(torch.linalg.vector_norm(module.B, dtype=torch.float32)) / math.sqrt(module.B.numel())
     ideal = abs(weight) * (b / a if a > 0 and b > 0 else 1.0)
     if not (math.isfinite(ideal) and ideal > 0):
         return 1.0, weight
