@@ -190,6 +190,8 @@ def merge_adapters(
     for key, value in {"density": density, "scale": scale, "exponent": exponent, "total": total}.items():
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise NanPeftError(f"{key} must be a finite number, got {value}")
+    if scale == 0:
+        raise NanPeftError("scale 0 makes the merged update zero: nothing to merge")
     rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed}
     rule_options(method, rule)  # fail before any reading
     device = resolve_device(device)

@@ -238,6 +238,7 @@ def test_bad_recipes_fail_with_one_line(here, text, message):
         (["small", "large", "-o", "x", "--device", "tpu"], 1, "unknown device 'tpu'"),
         (["small", "large", "-o", "x", "--method", "ties"], 1, "ties rule: needs density"),
         (["small", "large", "-o", "x", "--scale", "nan"], 1, "scale must be a finite number, got nan"),
+        (["small", "large", "-o", "x", "--scale", "0"], 1, "scale 0 makes the merged update zero"),
         (["small", "large", "-o", "x", "--exponent", "inf"], 1, "exponent must be a finite number, got inf"),
         (["small", "large", "-o", "x", "--rank", "0"], 2, "'--rank': 0 is not in the range"),
         (["small", "large", "-o", "x", "--combine", "fold"], 2, "'--combine': 'fold' is not one of"),
