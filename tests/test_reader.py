@@ -51,8 +51,8 @@ class TinyConv(torch.nn.Module):
         return self.head(torch.relu(self.conv(x)))
 
 
-def make_conv_adapter(folder, seed, magnitude, r=4):
-    model = get_peft_model(TinyConv(), LoraConfig(r=r, lora_alpha=4, target_modules=["conv", "head"]))
+def make_conv_adapter(folder, seed, magnitude, r=4, **lora):
+    model = get_peft_model(TinyConv(), LoraConfig(r=r, lora_alpha=4, target_modules=["conv", "head"], **lora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -75,6 +75,21 @@ def test_conv2d_lora_equals_peft_update(tmp_path):
         assert conv.kind == "conv" and conv.a_tail == (3, 3, 3) and conv.b_tail == (1, 1)
         for module in ("conv", "head"):
             torch.testing.assert_close(adapter.modules[module].delta(), deltas[module][f"s{i}"], rtol=1e-5, atol=1e-7)
+
+
+def test_conv_update_is_never_transposed(tmp_path):
+    """peft ignores fan_in_fan_out for conv layers (and saves it as given): the update keeps the conv weight's
+    layout, even for a square 1x1 kernel where a transposed one would fit."""
+    from peft import PeftModel
+
+    path = make_conv_adapter(tmp_path / "c", 3, 0.2, fan_in_fan_out=True)
+    assert json.loads((path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    model = PeftModel.from_pretrained(TinyConv(), path)
+    adapter = read_adapter(path)
+    for name in ("conv", "head"):
+        module = adapter.modules[name]
+        expected = model.base_model.model.get_submodule(name).get_delta_weight("default").double()
+        torch.testing.assert_close(module.weight_delta(module.delta()), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_bin_adapter_reads_like_safetensors(llama_adapters, tmp_path):
