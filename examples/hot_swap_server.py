@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 import nan_peft
@@ -48,10 +50,11 @@ class HotSwapServer:
                 self.model.load_adapter(self.folder, adapter_name=name)
                 model = self.model
             if self._identity() != identity:  # re-published while we read: drop it, the next poll retries
-                if model is self.model:
-                    model.delete_adapter(name)
-                return False
-        except OSError:  # not published yet, or the old folder vanished mid-read: retry on the next poll
+                raise FileNotFoundError(self.folder)
+        # Not published yet, or the folder vanished or changed mid-read (peft says "can't find" with a
+        # ValueError): undo this load, keep serving what was served, and retry on the next poll.
+        except (OSError, ValueError, SafetensorError):
+            self._undo(f"v{self.swaps + 1}")
             return False
         old = self.model.active_adapter if self.model is not None else None
         self.model = model.eval()
@@ -60,6 +63,18 @@ class HotSwapServer:
             self.model.delete_adapter(old)
         self.loaded, self.swaps = identity, self.swaps + 1
         return True
+
+    def _undo(self, name: str) -> None:
+        """Remove a load that did not complete. peft injects LoRA layers into the base model itself, so a first
+        load is undone by putting every base layer back (the base must never serve a discarded adapter)."""
+        if self.model is not None:
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            return
+        for path, module in list(self.base.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, attribute = path.rpartition(".")
+                setattr(self.base.get_submodule(parent), attribute, module.get_base_layer())
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:

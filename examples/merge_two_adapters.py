@@ -13,9 +13,12 @@ from _inputs import demo_inputs
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapters", nargs="*", type=Path)
-    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="nan-peft-example-")))
+    parser.add_argument("adapters", nargs="*", type=Path, help="two adapters (default: two of the demo's)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary one)")
     args = parser.parse_args(argv)
+    if args.adapters and len(args.adapters) != 2:
+        parser.error(f"give two adapters, not {len(args.adapters)}")
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="nan-peft-example-"))
     adapters = args.adapters or demo_inputs(args.out)[1][:2]
 
     nan = nan_peft.merge_adapters(adapters)  # NAN coefficients, exact merge

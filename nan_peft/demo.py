@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shlex
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -165,5 +166,5 @@ def _run(output, force, say) -> DemoReport:
         adapters=rows,
         max_abs_difference=(merged_logits - reference_logits).abs().max().item(),
         max_abs_effect=(merged_logits - base_logits).abs().max().item(),
-        command=" ".join(command),
+        command=shlex.join(command),
     )

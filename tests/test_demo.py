@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from nan_peft.record import RECORD_NAME
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("demo") / "run"
+    folder = tmp_path_factory.mktemp("demo") / "a run"  # a space: the printed command must quote it
     lines = []
     return run_demo(folder, say=lines.append), lines
 
@@ -50,7 +51,7 @@ def test_demo_merges_exactly_with_nan_coefficients(demo):
 def test_demo_merge_is_what_the_recorded_command_writes(demo, tmp_path):
     report, _ = demo
     record = json.loads((report.merged / RECORD_NAME).read_text())
-    assert record["command"] == report.command.split()
+    assert record["command"] == shlex.split(report.command)
     before = {p.name: p.read_bytes() for p in report.merged.iterdir()}
     result = CliRunner().invoke(cli, [*record["command"][1:], "--force", "--quiet"])
     assert result.exit_code == 0, result.stderr

@@ -87,6 +87,46 @@ def test_server_never_serves_a_partial_adapter(inputs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref0", "ref1", "served"]  # no temporary folders left
 
 
+@pytest.mark.parametrize("failure", ["re-published while read", "folder gone while read"])
+def test_an_interrupted_load_leaves_the_served_model_as_it_was(inputs, tmp_path, failure):
+    """A load that is discarded (the folder changed while it was read) or fails (the folder vanished between the
+    check and the read) leaves the server serving what it served before: the bare base model at first (peft
+    injects LoRA layers into the base itself), the previous merge after a swap."""
+    base, adapters = inputs
+    served = tmp_path / "served"
+    nan_peft.merge_adapters(adapters).save_pretrained(served)
+    ids = torch.arange(8).reshape(1, 8)
+    for before_first in (True, False):
+        server = hot_swap_server.HotSwapServer(AutoModelForCausalLM.from_pretrained(base).eval(), served)
+        if not before_first:
+            assert server.poll()
+            nan_peft.merge_adapters(adapters, coefficients="uniform").save_pretrained(served, overwrite=True)
+        expected = server(ids)
+        identity = server._identity
+
+        def interrupted():
+            server._identity = changed
+            if failure == "folder gone while read":
+                served.rename(tmp_path / "aside")
+            return identity()
+
+        def changed():
+            server._identity = identity
+            now = identity() if (served).exists() else (0, 0, 0)
+            return now if failure == "folder gone while read" else (*now[:2], now[2] + 1)
+
+        server._identity = interrupted
+        assert server.poll() is False
+        if (tmp_path / "aside").exists():
+            (tmp_path / "aside").rename(served)
+        torch.testing.assert_close(server(ids), expected, rtol=0, atol=0)
+        if before_first:
+            assert server.model is None and not any("lora" in name for name, _ in server.base.named_modules())
+        else:
+            assert list(server.model.peft_config) == ["v1"]
+        assert server.poll() and server.swaps == (1 if before_first else 2)
+
+
 def test_merge_and_fold():
     import merge_and_fold
 
