@@ -311,8 +311,8 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     if "weights" in options:
         options["weights"] = _weights(options["weights"])
         options.setdefault("coefficients", "manual")
-    if "dtype" in options:
-        options["dtype"] = _dtype(options["dtype"])
+    if options.get("dtype", DTYPES[0]) not in DTYPES:
+        raise NanPeftError(f"unknown dtype {options['dtype']!r}; choose from {', '.join(DTYPES)}")
     device = _device(options.pop("device", None))
     check_output(output, force, "--force")
 
@@ -497,14 +497,6 @@ def _weights(value) -> list[float]:
         return [float(item) for item in items]
     except (TypeError, ValueError):
         raise NanPeftError(f"weights must be a comma-separated list of numbers, got {value!r}") from None
-
-
-def _dtype(name):
-    import torch
-
-    if name not in DTYPES:
-        raise NanPeftError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
-    return getattr(torch, name)
 
 
 def _device(name):

@@ -60,9 +60,8 @@ def balanced_scales(module: LoraModule, weight: float) -> tuple[float, float]:
     (t A) ((weight / t) B) = weight B A in any precision but for under/overflow."""
     if weight == 0:
         return 1.0, 0.0
-    # float32 norms: only the power of two nearest their ratio matters (a non-finite one falls back below)
-    a = float(torch.linalg.vector_norm(module.A, dtype=torch.float32)) / math.sqrt(module.A.numel())
-    b = float(torch.linalg.vector_norm(module.B, dtype=torch.float32)) / math.sqrt(module.B.numel())
+    # norms in float32 at least: only the power of two nearest their ratio matters (a non-finite one falls back below)
+    a, b = (float(torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32))) / math.sqrt(t.numel()) for t in (module.A, module.B))
     ideal = abs(weight) * (b / a if a > 0 and b > 0 else 1.0)
     if not (math.isfinite(ideal) and ideal > 0):
         return 1.0, weight

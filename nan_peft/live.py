@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.utils import ModulesToSaveWrapper, set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 
 from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraAdapter, module_from_peft
@@ -53,7 +53,7 @@ def add_nan_weighted_adapter(
     adapter_name: str,
     combine: str | None = None,
     rank: int | None = None,
-    coefficients: str | Sequence[float] = "nan",
+    coefficients: str | Sequence[float] | None = None,
     device: str | torch.device | None = None,
     **options,
 ) -> MergeResult:
@@ -74,6 +74,9 @@ def add_nan_weighted_adapter(
     state = {k: v for k, v in adapter_state_dict(merged).items() if k not in merged.extras}
     config = adapter_config(merged)
     model.add_adapter(adapter_name, LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
+    # peft's task models give every new adapter its own copy of the task head (modules_to_save), made from the
+    # base model's head; the merge keeps that copy as it is and sets only the LoRA factors.
+    state = {**get_peft_model_state_dict(model, adapter_name=adapter_name), **state}
     loaded = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     missing = [key for key in loaded.missing_keys if f".{adapter_name}." in key or key.endswith(f".{adapter_name}")]
     if loaded.unexpected_keys or missing:

@@ -155,7 +155,7 @@ def merge_adapters(
     adapters: Sequence[AdapterLike],
     combine: str | None = None,
     rank: int | None = None,
-    coefficients: str | Sequence[float] = "nan",
+    coefficients: str | Sequence[float] | None = None,
     *,
     method: str = "task_arithmetic",
     density: float | None = None,
@@ -174,16 +174,18 @@ def merge_adapters(
     """Merge LoRA adapters into one; by default dW = sum_k c_k s_k B_k A_k at every module.
 
     coefficients: "nan" (default; c_k proportional to ||dW_k||_F^-exponent, summing to `total`),
-    "uniform", "manual" (with `weights`), or the weights themselves.
+    "uniform", "manual" (with `weights`; the default when `weights` are given), or the weights themselves.
     method: the merge rule the coefficients are plugged into (nan_peft.rules.RULES): "task_arithmetic"
     (default, scale * sum_k c_k dW_k), "ties", "dare_linear", "dare_ties", "magnitude_prune", with their
     options density, scale (lambda), normalize and seed. NAN norms are always those of the full updates.
     combine: "cat" (exact, rank = sum of ranks; the default for task_arithmetic) or "svd" (best
     rank-`rank` approximation; the default, and the only choice, for the entry-wise rules).
-    Computation runs on `device`; the result is written in `dtype` (default: the inputs' dtype when they
-    share one, else float32).
+    Computation runs on `device`; the result is written in `dtype`, a float torch.dtype or its name
+    ("bfloat16"; default: the inputs' dtype when they share one, else float32).
     """
-    if not isinstance(coefficients, str):
+    if coefficients is None:
+        coefficients = "nan" if weights is None else "manual"
+    elif not isinstance(coefficients, str):
         if weights is not None:
             raise NanPeftError("give the weights either as coefficients= or as weights=, not both")
         coefficients, weights = "manual", list(coefficients)
@@ -194,6 +196,7 @@ def merge_adapters(
         raise NanPeftError("scale 0 makes the merged update zero: nothing to merge")
     rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed}
     rule_options(method, rule)  # fail before any reading
+    dtype = output_dtype(dtype)
     device = resolve_device(device)
     sources = read_adapters(adapters, allow_different_bases=allow_different_bases, allow_duplicates=allow_duplicates)
     gram = update_gram(sources, device)
@@ -218,6 +221,15 @@ def merge_adapters(
         "dtype": str(dtype).removeprefix("torch."),
     }
     return MergeResult(merged, coeffs, gram, report, sources, options)
+
+
+def output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A float torch.dtype from a dtype or its name ("bfloat16", "torch.float16"); None stays None."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise NanPeftError(f"dtype must be a float type such as float32, float16 or bfloat16, not {dtype!r}")
+    return dtype
 
 
 def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:

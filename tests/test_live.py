@@ -128,3 +128,38 @@ def test_live_reads_saved_modules_like_offline(tmp_path):
             expected = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "offline").eval()
             expected.base_model.model.lm_head.weight.copy_(load_file(path / "adapter_model.safetensors")["base_model.model.lm_head.weight"])
             torch.testing.assert_close(ours, expected(input_ids()).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_live_merge_in_a_classification_model(tmp_path):
+    """peft's task models give each new adapter its own head copy: the live merge keeps the base model's head
+    there (the sources' heads are left out, as offline) and equals the offline merge loaded by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+
+    paths = []
+    for seed in (1, 2):
+        model = get_peft_model(classifier(), LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name or "modules_to_save" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        model.save_pretrained(tmp_path / f"c{seed}")
+        paths.append(tmp_path / f"c{seed}")
+    model = PeftModel.from_pretrained(classifier(), paths[0], adapter_name="s0")
+    model.load_adapter(paths[1], adapter_name="s1")
+    with pytest.warns(UserWarning, match="left out"):
+        add_nan_weighted_adapter(model, ["s0", "s1"], "merged")
+    with pytest.warns(UserWarning, match="left out"):
+        merge_adapters(paths).save_pretrained(tmp_path / "offline")
+    model.set_adapter("merged")
+    assert torch.equal(model.base_model.model.score.modules_to_save["merged"].weight, classifier().score.weight)
+    reference = PeftModel.from_pretrained(classifier(), tmp_path / "offline").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, reference(input_ids()).logits, rtol=1e-5, atol=1e-6)
+        assert (model(input_ids()).logits - classifier()(input_ids()).logits).abs().max() > 1e-3

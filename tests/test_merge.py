@@ -254,3 +254,17 @@ def test_single_adapter_merge_is_the_adapter(llama_adapters, llama_deltas):
     assert result.coefficients.per_adapter.tolist() == [1.0]
     for module in result.adapter.modules:
         torch.testing.assert_close(merged_update(result, module), llama_deltas[module]["s1"], rtol=1e-5, atol=1e-7)
+
+
+def test_python_options_read_like_the_command_line(llama_adapters):
+    """weights= alone implies manual coefficients and dtype may be named, as on the command line; a dtype that
+    is not a float type is refused before any reading."""
+    by_name = merge_adapters(llama_adapters[:2], weights=[0.7, 0.3], dtype="bfloat16")
+    explicit = merge_adapters(llama_adapters[:2], coefficients=[0.7, 0.3], dtype=torch.bfloat16)
+    assert by_name.coefficients.method == "manual" and by_name.coefficients.per_adapter.tolist() == [0.7, 0.3]
+    assert {t.dtype for m in by_name.adapter.modules.values() for t in (m.A, m.B)} == {torch.bfloat16}
+    for path, module in explicit.adapter.modules.items():
+        assert torch.equal(by_name.adapter.modules[path].B, module.B) and torch.equal(by_name.adapter.modules[path].A, module.A)
+    for bad in (torch.int32, "int8", "double-ish"):
+        with pytest.raises(NanPeftError, match="dtype must be a float type"):
+            merge_adapters(["/nonexistent"], dtype=bad)
