@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,15 @@ except ImportError:  # older transformers: BERT takes the extended additive mask
     create_bidirectional_mask = None
 
 import nan_peft
+
+# Part of the cache key: bump it whenever a change to this file changes the trained adapters or the cached
+# states, so that stale ones are not reused. 2: duplicates dropped before splitting, per-adapter init seeds.
+CACHE_VERSION = 2
+
+
+def derived_seed(seed: int, name: str) -> int:
+    """A deterministic seed per (seed, name): CRC-32, not Python's hash(), which is salted per process."""
+    return zlib.crc32(f"{seed}/{name}".encode())
 
 
 @dataclass
@@ -71,7 +81,8 @@ class Setup:
     def key(self) -> str:
         import hashlib
 
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        entry = {**asdict(self), "cache_version": CACHE_VERSION}
+        return hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------- model
@@ -162,14 +173,15 @@ def trim(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
 def train_adapter(bert: BertModel, setup: Setup, task: str, states: torch.Tensor, mask: torch.Tensor,
                   labels: torch.Tensor, classes: int, seed: int, out: Path, head: nn.Linear | None = None) -> dict:
     """Train one LoRA adapter with its own head (or with a given head, kept frozen); save the adapter (peft
-    format) and head.pt under `out`."""
-    torch.manual_seed(seed)
+    format) and head.pt under `out`. The LoRA init, the head init and the batch order are seeded per
+    (seed, task): adapters of one seed do not share their lora_A init."""
+    torch.manual_seed(derived_seed(seed, task))
     model = get_peft_model(bert, lora_config(setup, bert.config.num_hidden_layers), adapter_name="default")
     frozen = head is not None
     head = head if frozen else nn.Linear(bert.config.hidden_size, classes)
     params = [p for p in model.parameters() if p.requires_grad] + ([] if frozen else list(head.parameters()))
     optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(derived_seed(seed, f"{task}/order"))
     order = torch.empty(0, dtype=torch.long)
     model.train()
     start, losses = time.time(), []
@@ -197,7 +209,8 @@ def train_adapter(bert: BertModel, setup: Setup, task: str, states: torch.Tensor
 
 
 def train_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, seed: int, steps: int = 300) -> nn.Linear:
-    """A linear head on the frozen base encoder's pooled features (the no-adapter reference)."""
+    """A linear head on the frozen base encoder's pooled features (the no-adapter reference); `seed` is the
+    already derived init seed."""
     torch.manual_seed(seed)
     head = nn.Linear(features.shape[1], classes)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
@@ -220,14 +233,27 @@ def apply_update(bert: BertModel, adapter: nan_peft.LoraAdapter, sign: float = 1
         weight += sign * module.weight_delta(module.delta()).to(weight.dtype)
 
 
+def metrics(predicted: torch.Tensor, labels: torch.Tensor) -> dict:
+    """accuracy, and balanced accuracy: the mean over the classes present in `labels` of each class's recall
+    (a constant prediction scores 1 / classes, whatever the class balance)."""
+    recalls = [float((predicted[labels == c] == c).float().mean()) for c in labels.unique().tolist()]
+    return {"accuracy": float((predicted == labels).float().mean()), "balanced": sum(recalls) / len(recalls)}
+
+
+def baseline(labels: torch.Tensor, classes: int) -> dict:
+    """The test set's class counts and what predicting its most frequent class scores."""
+    counts = torch.bincount(labels, minlength=classes).tolist()
+    return {"counts": counts, "majority": max(counts) / len(labels), "balanced_of_constant": 1 / sum(c > 0 for c in counts)}
+
+
 @torch.no_grad()
-def accuracy(bert: BertModel, head: nn.Linear, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-             split: int, batch: int = 100) -> float:
-    correct = 0
+def evaluate(bert: BertModel, head: nn.Linear, states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+             split: int, batch: int = 100) -> dict:
+    predicted = []
     for i in range(0, len(labels), batch):
         h, m = trim(states[i:i + batch], mask[i:i + batch])
-        correct += int((head(top(bert, h, m, split)).argmax(-1) == labels[i:i + batch]).sum())
-    return correct / len(labels)
+        predicted.append(head(top(bert, h, m, split)).argmax(-1))
+    return metrics(torch.cat(predicted), labels)
 
 
 def merge_specs(tasks: int) -> list[dict]:
@@ -278,9 +304,29 @@ def merge(paths: Sequence[Path], spec: dict, seed: int, rank: int) -> nan_peft.M
 # --------------------------------------------------------------------------- the experiment
 
 
-def splits(setup: Setup, labels: dict) -> dict:
+class Leak(AssertionError):
+    pass
+
+
+def check_no_leak(plan: dict, keys: dict) -> None:
+    """Raise Leak if a test example's key (its text, its token ids: anything the model could see twice) is also
+    the key of an example that some seed trains on (a task's training sample or a volume adapter's)."""
+    for task, entry in plan.items():
+        for view in keys.get(task, ()):
+            test = {view[i] for i in entry["test"]}
+            trained = [i for idx in entry["train"].values() for i in idx]
+            trained += [i for parts in entry.get("volume", {}).values() for part in parts for i in part]
+            shared = test.intersection(view[i] for i in trained)
+            if shared:
+                raise Leak(f"task {task}: {len(shared)} test example(s) also in the training data, e.g. {next(iter(shared))!r:.80}")
+
+
+def splits(setup: Setup, labels: dict, keys: dict | None = None) -> dict:
     """Per task: a fixed test set and, per seed, a training sample of the task's size from the rest; for the
-    volume task also, per seed, disjoint samples of volume_sizes ("volume" entry)."""
+    volume task also, per seed, disjoint samples of volume_sizes ("volume" entry).
+
+    keys: {task: [view, ...]}, each view a list with one hashable key per example (texts, token ids); every
+    view is checked: no test example may share its key with a training example (check_no_leak)."""
     out = {}
     for task, y in labels.items():
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000)).tolist()
@@ -297,22 +343,34 @@ def splits(setup: Setup, labels: dict) -> dict:
         out[task] = {"test": test, "train": train}
         if task == setup.volume_task:
             out[task]["volume"] = volume
+    check_no_leak(out, keys or {})
     return out
 
 
-def encode_real(setup: Setup) -> dict:
-    """{task: (ids, mask, labels, class names)} for the real tasks, tokenised by MiniLM's tokenizer."""
+def encode_real(setup: Setup) -> tuple[dict, dict]:
+    """{task: (ids, mask, labels, class names)} for the real tasks, tokenised by MiniLM's tokenizer, and
+    {task: [texts, token ids]} for the leak check.
+
+    The loaders already drop duplicate texts. Inputs cut to max_length tokens can still coincide (18 BBC
+    articles are re-edited versions of another whose first 64 tokens are the same): the model cannot tell
+    those apart, so all but the first of each are dropped too."""
     from transformers import AutoTokenizer
 
-    from .data import LOADERS
+    from .data import LOADERS, normalise
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    encoded = {}
+    encoded, keys = {}, {}
     for task in setup.train_sizes:
         texts, labels, names = LOADERS[task]()
         batch = tokenizer(texts, truncation=True, max_length=setup.max_length, padding="max_length", return_tensors="pt")
-        encoded[task] = (batch["input_ids"], batch["attention_mask"], torch.tensor(labels), names)
-    return encoded
+        tokens = [tuple(row) for row in batch["input_ids"].tolist()]
+        first = {}
+        for i, t in enumerate(tokens):
+            first.setdefault(t, i)
+        keep = sorted(first.values())
+        encoded[task] = (batch["input_ids"][keep], batch["attention_mask"][keep], torch.tensor(labels)[keep], names)
+        keys[task] = [[normalise(texts[i]) for i in keep], [tokens[i] for i in keep]]
+    return encoded, keys
 
 
 def encode_synthetic(setup: Setup, examples: int = 160, length: int = 12) -> dict:
@@ -329,7 +387,7 @@ def encode_synthetic(setup: Setup, examples: int = 160, length: int = 12) -> dic
         ids[:, 0] = 1
         mask = torch.ones_like(ids)
         encoded[task] = (ids, mask, y, [f"c{c}" for c in range(classes)])
-    return encoded
+    return encoded, {task: [[tuple(row) for row in e[0].tolist()]] for task, e in encoded.items()}
 
 
 def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict]:
@@ -342,8 +400,8 @@ def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict
         saved = torch.load(path, weights_only=True)
         return bert, saved["data"], saved["splits"]
     start = time.time()
-    encoded = encode_real(setup) if setup.model == "minilm" else encode_synthetic(setup)
-    plan = splits(setup, {t: e[2] for t, e in encoded.items()})
+    encoded, keys = encode_real(setup) if setup.model == "minilm" else encode_synthetic(setup)
+    plan = splits(setup, {t: e[2] for t, e in encoded.items()}, keys)
     ids, mask = encoded[next(iter(encoded))][:2]
     error = check_split(bert, ids[:4], mask[:4], setup.split)
     if error > 1e-4:
@@ -354,7 +412,7 @@ def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict
         used = sorted(set(plan[task]["test"]).union(*map(set, plan[task]["train"].values()), *map(set, volume)))
         where = {i: j for j, i in enumerate(used)}
         states = cached_states(bert, ids[used], mask[used], setup.split)
-        data[task] = {"states": states, "mask": mask[used], "y": y[used], "classes": names}
+        data[task] = {"states": states, "mask": mask[used], "y": y[used], "classes": names, "available": len(y)}
         entry = {"test": [where[i] for i in plan[task]["test"]],
                  "train": {s: [where[i] for i in idx] for s, idx in plan[task]["train"].items()}}
         if "volume" in plan[task]:
@@ -398,7 +456,7 @@ def train_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: d
     dirs = volume_dirs(setup, cache, seed)
     if all((p / "train.json").exists() for p in dirs):
         return [json.loads((p / "train.json").read_text()) for p in dirs]
-    torch.manual_seed(seed)
+    torch.manual_seed(derived_seed(seed, "same-task head"))
     head = nn.Linear(bert.config.hidden_size, len(d["classes"]))
     for p in head.parameters():
         p.requires_grad_(False)
@@ -435,23 +493,23 @@ def score_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict
             if adapter is not None:
                 apply_update(bert, adapter)
             try:
-                return {t: accuracy(bert, heads[t], *test[t], setup.split) for t in tasks}
+                return {t: evaluate(bert, heads[t], *test[t], setup.split) for t in tasks}
             finally:
                 if adapter is not None:
                     apply_update(bert, adapter, -1.0)
 
-        def row(name: str, kind: str, acc: dict, **extra) -> dict:
-            entry = {"seed": seed, "name": name, "kind": kind, "accuracy": acc, "mean": sum(acc.values()) / len(acc), **extra}
-            rows.append(entry)
-            return entry
+        def row(name: str, kind: str, scores: dict, **extra) -> dict:
+            rows.append(metric_row(seed, name, scores, kind=kind, **extra))
+            return rows[-1]
 
         # the no-adapter references: a linear probe on the frozen encoder, and the adapters' heads on it
         probe = {}
         for t in tasks:
             train_idx, test_idx = torch.tensor(plan[t]["train"][seed]), torch.tensor(plan[t]["test"])
-            head = train_probe(base_features[t][train_idx], data[t]["y"][train_idx], len(data[t]["classes"]), seed)
+            head = train_probe(base_features[t][train_idx], data[t]["y"][train_idx], len(data[t]["classes"]),
+                               derived_seed(seed, f"probe/{t}"))
             with torch.no_grad():
-                probe[t] = float((head(base_features[t][test_idx]).argmax(-1) == data[t]["y"][test_idx]).float().mean())
+                probe[t] = metrics(head(base_features[t][test_idx]).argmax(-1), data[t]["y"][test_idx])
         row("linear probe (no adapter)", "reference", probe)
         row("base encoder + task heads", "reference", score(None))
         sources = nan_peft.read_adapters([str(p) for p in paths])
@@ -464,6 +522,16 @@ def score_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict
             row(spec_name(spec), "merge", score(result.adapter), spec=spec, coefficients=coefficients, norms=norms)
         log(f"seed {seed}: scored {sum(r['seed'] == seed for r in rows)} models in {time.time() - start:.0f} s")
     return rows
+
+
+def metric_row(seed: int, name: str, scores: dict, **extra) -> dict:
+    """One scored model: {task: {"accuracy", "balanced"}} -> per-task dicts of each metric and their means over
+    tasks ("mean": accuracy, "mean_balanced": balanced accuracy)."""
+    accuracy = {t: s["accuracy"] for t, s in scores.items()}
+    balanced = {t: s["balanced"] for t, s in scores.items()}
+    return {"seed": seed, "name": name, **({"kind": extra.pop("kind")} if "kind" in extra else {}),
+            "accuracy": accuracy, "balanced": balanced, "mean": sum(accuracy.values()) / len(accuracy),
+            "mean_balanced": sum(balanced.values()) / len(balanced), **extra}
 
 
 def score_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
@@ -491,13 +559,13 @@ def score_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: d
             if adapter is not None:
                 apply_update(bert, adapter)
             try:
-                return accuracy(bert, head, *test, setup.split)
+                return {task: evaluate(bert, head, *test, setup.split)}
             finally:
                 if adapter is not None:
                     apply_update(bert, adapter, -1.0)
 
-        def row(name, acc, **extra):
-            rows.append({"seed": seed, "name": name, "accuracy": {task: acc}, "mean": acc, "norms": norms, **extra})
+        def row(name, scores, **extra):
+            rows.append(metric_row(seed, name, scores, norms=norms, **extra))
 
         row("shared head on the base encoder", score(None))
         for n, source in zip(sizes, sources):
@@ -521,5 +589,8 @@ def run(setup: Setup, cache_root: Path, score_only: bool = False, log=print) -> 
     trained = time.time()
     rows = score_all(setup, cache, bert, data, plan, log)
     volume = score_volume(setup, cache, bert, data, plan, log) if setup.volume_sizes else []
-    return {"setup": asdict(setup), "training": logs, "rows": rows, "volume_rows": volume,
+    baselines = {t: baseline(d["y"][torch.tensor(plan[t]["test"])], len(d["classes"])) for t, d in data.items()}
+    examples = {t: d.get("available") for t, d in data.items()}
+    return {"setup": asdict(setup), "cache_version": CACHE_VERSION, "test_baselines": baselines,
+            "examples_after_deduplication": examples, "training": logs, "rows": rows, "volume_rows": volume,
             "seconds": {"prepare_and_train": trained - start, "score": time.time() - trained}}

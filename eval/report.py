@@ -109,23 +109,67 @@ def _ms(values) -> str:
     return f"{values.mean():.1f} ± {_std(values):.1f}"
 
 
+METRICS = (("balanced", "mean_balanced", "Balanced accuracy (mean of the per-class recalls; a constant prediction scores "
+             "1 / classes)"), ("accuracy", "mean", "Accuracy"))
+
+
+def _partner(name: str) -> str:
+    """The uniform-coefficient row a NAN row is paired with."""
+    return name.replace("/nan/p2/", "/uniform/").replace("/nan/module/", "/uniform/").replace("/nan/", "/uniform/")
+
+
+def _baseline_rows(results: dict, tasks: list[str]) -> dict:
+    """{metric: {task: value}} of the constant majority-class prediction on each test set."""
+    base = results.get("test_baselines") or {}
+    if not base:
+        return {}
+    return {"accuracy": {t: base[t]["majority"] for t in tasks}, "balanced": {t: base[t]["balanced_of_constant"] for t in tasks}}
+
+
 def lora_tables(results: dict) -> str:
     rows = results["rows"]
     tasks = list(rows[0]["accuracy"])
     seeds = sorted({r["seed"] for r in rows})
     named = _by_name(rows)
     setup = results["setup"]
-    lines = [f"Accuracy in %, mean ± std over seeds {', '.join(map(str, seeds))}; test sets of {setup['test_size']} per task. "
-             f"Training examples: " + ", ".join(f"{t} {n}" for t, n in setup["train_sizes"].items()) + ".", ""]
-    lines += ["| model | " + " | ".join(tasks) + " | mean | Δ mean vs uniform (paired) |", "|---" * (len(tasks) + 3) + "|"]
-    for name, group in named.items():
-        partner = name.replace("/nan/p2/", "/uniform/").replace("/nan/module/", "/uniform/").replace("/nan/", "/uniform/")
-        delta = ""
-        if partner != name and partner in named:
-            base = {r["seed"]: r["mean"] for r in named[partner]}
-            delta = _ms([r["mean"] - base[r["seed"]] for r in group])
-        lines.append(f"| {name} | " + " | ".join(_ms([r["accuracy"][t] for r in group]) for t in tasks)
-                     + f" | {_ms([r['mean'] for r in group])} | {delta} |")
+    constant = _baseline_rows(results, tasks)
+    lines = [f"Mean ± std over seeds {', '.join(map(str, seeds))} (the spread across seeds is the only uncertainty shown); "
+             f"test sets of {setup['test_size']} per task, duplicates removed before splitting. Training examples: "
+             + ", ".join(f"{t} {n}" for t, n in setup["train_sizes"].items()) + "."]
+    base = results.get("test_baselines") or {}
+    if base:
+        lines += ["", "| task | test examples per class | majority class (constant prediction) accuracy | its balanced accuracy |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t} | {' / '.join(map(str, base[t]['counts']))} | {100 * base[t]['majority']:.1f} | "
+                  f"{100 * base[t]['balanced_of_constant']:.1f} |" for t in tasks]
+    for metric, mean_key, title in METRICS:
+        if metric not in rows[0]:
+            continue
+        lines += ["", f"**{title}, %.**", "",
+                  "| model | " + " | ".join(tasks) + " | mean | Δ mean vs uniform (paired) |", "|---" * (len(tasks) + 3) + "|"]
+        if constant:
+            values = constant[metric]
+            lines.append("| majority class of the test set (constant) | " + " | ".join(f"{100 * values[t]:.1f}" for t in tasks)
+                         + f" | {100 * np.mean(list(values.values())):.1f} |  |")
+        for name, group in named.items():
+            partner = _partner(name)
+            delta = ""
+            if partner != name and partner in named:
+                paired = {r["seed"]: r[mean_key] for r in named[partner]}
+                delta = _ms([r[mean_key] - paired[r["seed"]] for r in group])
+            lines.append(f"| {name} | " + " | ".join(_ms([r[metric][t] for r in group]) for t in tasks)
+                         + f" | {_ms([r[mean_key] for r in group])} | {delta} |")
+        nan_rows = [n for n in named if _partner(n) != n and _partner(n) in named]
+        lines += ["", f"NAN − uniform, paired per seed, in points of {metric.replace('balanced', 'balanced accuracy')}: "
+                  "per task (mean ± std over seeds) and per seed (mean over tasks).", "",
+                  "| model | " + " | ".join(tasks) + " | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---" * (len(tasks) + len(seeds) + 1) + "|"]
+        for name in nan_rows:
+            paired = {r["seed"]: r for r in named[_partner(name)]}
+            per_task = [_ms([r[metric][t] - paired[r["seed"]][metric][t] for r in named[name]]) for t in tasks]
+            per_seed = {r["seed"]: 100 * (r[mean_key] - paired[r["seed"]][mean_key]) for r in named[name]}
+            lines.append(f"| {name} | " + " | ".join(per_task) + " | "
+                         + " | ".join(f"{per_seed[s]:+.1f}" if s in per_seed else "" for s in seeds) + " |")
     lines += ["", "Update norms ‖dW_k‖_F and NAN coefficients (p = 1, granularity adapter, total 1), mean over seeds:", "",
               "| task | training examples | epochs | norm | NAN c (p=1) | NAN c (p=2) |", "|---|---|---|---|---|---|"]
     nan1, nan2 = named["task_arithmetic/nan/total1"], named["task_arithmetic/nan/p2/total1"]
@@ -147,6 +191,12 @@ def lora_plots(results: dict, folder: Path) -> list[Path]:
     tasks = list(rows[0]["accuracy"])
     named = _by_name(rows)
     paths = []
+    metric_key, mean_key = ("balanced", "mean_balanced") if "balanced" in rows[0] else ("accuracy", "mean")
+    metric_label = "balanced accuracy" if metric_key == "balanced" else "accuracy"
+    constant = _baseline_rows(results, tasks).get(metric_key)
+
+    def value(r: dict, metric: str) -> float:
+        return 100 * (r[mean_key] if metric == "mean" else r[metric_key][metric])
 
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8), sharex=True)
     variants = (("uniform", "uniform", "k"), ("nan", "NAN p=1", "C0"), ("nan/p2", "NAN p=2", "C1"), ("nan/module", "NAN p=1, per module", "C2"))
@@ -156,22 +206,25 @@ def lora_plots(results: dict, folder: Path) -> list[Path]:
             ys, es = [], []
             for total in totals:
                 group = named.get(f"task_arithmetic/{key}/total{total:g}", [])
-                values = [100 * (r["mean"] if metric == "mean" else r["accuracy"][metric]) for r in group]
+                values = [value(r, metric) for r in group]
                 ys.append(np.mean(values))
                 es.append(_std(values))
             ax.errorbar(totals, ys, yerr=es, marker="o", ms=3, capsize=2, color=color, label=label)
         for ref, style in (("base encoder + task heads", ":"), ("linear probe (no adapter)", "-.")):
-            values = [100 * (r["mean"] if metric == "mean" else r["accuracy"][metric]) for r in named[ref]]
+            values = [value(r, metric) for r in named[ref]]
             ax.axhline(np.mean(values), color="gray", ls=style, label=ref)
         if metric != "mean":
-            values = [100 * r["accuracy"][metric] for r in named[f"adapter {metric} alone"]]
+            values = [value(r, metric) for r in named[f"adapter {metric} alone"]]
             ax.axhline(np.mean(values), color="gray", ls="--", label="its adapter alone")
+        if constant:
+            level = np.mean(list(constant.values())) if metric == "mean" else constant[metric]
+            ax.axhline(100 * level, color="C3", ls=(0, (1, 3)), label="constant prediction (majority class)")
         ax.set_title(metric if metric == "mean" else f"{metric} ({results['setup']['train_sizes'][metric]} examples)")
         ax.set_xlabel("total (sum of coefficients)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy %")
+    axes[0].set_ylabel(f"{metric_label} %")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Experiment 2: task arithmetic on MiniLM LoRA adapters, uniform vs NAN coefficients")
+    fig.suptitle(f"Experiment 2: task arithmetic on MiniLM LoRA adapters, uniform vs NAN coefficients ({metric_label}, mean ± std over seeds)")
     fig.tight_layout()
     paths.append(folder / "results-lora-total.png")
     fig.savefig(paths[-1], dpi=110)
@@ -184,20 +237,20 @@ def lora_plots(results: dict, folder: Path) -> list[Path]:
     for i, (rule, total, label) in enumerate(rules):
         for j, (coef, color) in enumerate((("uniform", "0.6"), ("nan", "C0"))):
             group = named.get(f"{rule}/{coef}/{total}", [])
-            values = [100 * r["mean"] for r in group]
+            values = [100 * r[mean_key] for r in group]
             ax.bar(i + (j - 0.5) * width, np.mean(values), width, yerr=_std(values),
                    color=color, capsize=3, label=("uniform" if coef == "uniform" else "NAN") if i == 0 else None)
             ax.scatter([i + (j - 0.5) * width] * len(values), values, s=10, color="k", zorder=3,
                        label="one seed" if i == 0 and j == 0 else None)
     for ref, style in (("base encoder + task heads", ":"), ("linear probe (no adapter)", "-.")):
-        ax.axhline(np.mean([100 * r["mean"] for r in named[ref]]), color="gray", ls=style, label=ref)
-    ax.set_xticks(range(len(rules)), [label for *_, label in rules])
-    ax.set_ylabel("mean accuracy over tasks %")
-    low = min(100 * r["mean"] for r in rows if r["kind"] == "merge")
+        ax.axhline(np.mean([100 * r[mean_key] for r in named[ref]]), color="gray", ls=style, label=ref)
+    ax.set_xticks(range(len(rules)), [name for *_, name in rules])
+    ax.set_ylabel(f"mean {metric_label} over tasks %")
+    low = min(100 * r[mean_key] for r in rows if r["kind"] == "merge")
     ax.set_ylim(max(0, low - 10), None)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title("Experiment 2: each merge rule with uniform vs NAN coefficients")
+    ax.set_title(f"Experiment 2: each merge rule with uniform vs NAN coefficients ({metric_label})")
     fig.tight_layout()
     paths.append(folder / "results-lora-rules.png")
     fig.savefig(paths[-1], dpi=110)
@@ -214,15 +267,24 @@ def volume_tables(results: dict) -> str:
     named = _by_name(rows)
     lines = [f"One task ({task}), three adapters trained on disjoint samples of {', '.join(sizes)} examples through one "
              f"frozen, randomly initialised shared head (so the adapters learn all of the task), the same recipe ({setup['steps']} steps of "
-             f"{setup['batch']}). Accuracy on the {setup['test_size']} test examples, mean ± std over seeds.", "",
-             "| model | accuracy % | Δ vs uniform (paired) | coefficients " + " / ".join(sizes) + " |", "|---|---|---|---|"]
-    uniform = {r["seed"]: r["mean"] for r in named.get("task_arithmetic/uniform/total1", [])}
-    ties_uniform = {r["seed"]: r["mean"] for r in named.get("ties/uniform/total1", [])}
+             f"{setup['batch']}). Accuracy and balanced accuracy on the {setup['test_size']} test examples, mean ± std over "
+             "seeds; Δ: paired difference to the same rule with uniform coefficients.", ""]
+    base = (results.get("test_baselines") or {}).get(task)
+    if base:
+        lines += [f"Test set per class: {' / '.join(map(str, base['counts']))}; the majority class alone scores "
+                  f"{100 * base['majority']:.1f}% accuracy, {100 * base['balanced_of_constant']:.1f}% balanced accuracy.", ""]
+    keys = [("mean", "accuracy")] + ([("mean_balanced", "balanced accuracy")] if "mean_balanced" in rows[0] else [])
+    lines += ["| model | " + " | ".join(f"{label} % | Δ {label} vs uniform" for _, label in keys) + " | coefficients "
+              + " / ".join(sizes) + " |", "|---" * (2 * len(keys) + 2) + "|"]
     for name, group in named.items():
-        base = ties_uniform if name.startswith("ties/") else uniform
-        delta = _ms([r["mean"] - base[r["seed"]] for r in group]) if "/" in name and "uniform" not in name else ""
+        partner = "ties/uniform/total1" if name.startswith("ties/") else "task_arithmetic/uniform/total1"
+        cells = []
+        for key, _ in keys:
+            paired = {r["seed"]: r[key] for r in named.get(partner, [])}
+            delta = _ms([r[key] - paired[r["seed"]] for r in group]) if "/" in name and "uniform" not in name and paired else ""
+            cells += [_ms([r[key] for r in group]), delta]
         coefficients = " / ".join(f"{np.mean([r['coefficients'][n] for r in group]):.2f}" for n in sizes) if group[0].get("coefficients") else ""
-        lines.append(f"| {name} | {_ms([r['mean'] for r in group])} | {delta} | {coefficients} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {coefficients} |")
     lines += ["", f"Update norms ‖dW‖ of the {', '.join(sizes)}-example adapters (mean over seeds): "
               + " / ".join(f"{np.mean([r['norms'][n] for r in named['task_arithmetic/uniform/total1']]):.2f} ± "
                            f"{_std([r['norms'][n] for r in named['task_arithmetic/uniform/total1']]):.2f}" for n in sizes) + "."]
@@ -258,15 +320,16 @@ def volume_plot(results: dict, folder: Path) -> list[Path]:
     left.grid(alpha=0.3)
     left.set_title("update norm vs data volume")
     names = [n for n in named if "/" in n]
-    values = [[100 * r["mean"] for r in named[n]] for n in names]
+    key = "mean_balanced" if "mean_balanced" in rows[0] else "mean"
+    values = [[100 * r[key] for r in named[n]] for n in names]
     right.bar(range(len(names)), [np.mean(v) for v in values], yerr=[_std(v) for v in values], capsize=3,
               color=["0.6" if "uniform" in n else "C2" if "volume" in n else "C0" for n in names])
-    for n, style in ((f"adapter {sizes[0]} alone", ":"), (f"adapter {sizes[-1]} alone", "--")):
-        right.axhline(np.mean([100 * r["mean"] for r in named[n]]), ls=style, color="gray", label=n)
+    for n, style in zip((f"adapter {n} alone" for n in sizes), (":", "-.", "--")):
+        right.axhline(np.mean([100 * r[key] for r in named[n]]), ls=style, color="gray", label=n)
     right.set_xticks(range(len(names)), [n.replace("task_arithmetic/", "TA/").replace("/total1", "") for n in names], rotation=20, fontsize=8)
     low = min(min(v) for v in values)
     right.set_ylim(low - 3, 100)
-    right.set_ylabel("accuracy %")
+    right.set_ylabel("balanced accuracy %" if key == "mean_balanced" else "accuracy %")
     right.legend(fontsize=7)
     right.grid(alpha=0.3, axis="y")
     right.set_title(f"merging same-task adapters ({' / '.join(sizes)} examples)")

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval import lora_tasks, report, theory  # noqa: E402
+from eval import data, lora_tasks, report, theory  # noqa: E402
 
 
 def test_theory_nan_tracks_data_volume_when_updates_are_zero_mean():
@@ -96,6 +96,95 @@ def test_lora_pipeline_runs_and_scores_every_model(tiny_results):
     assert volume["task_arithmetic/data volume/total1"]["coefficients"] == pytest.approx({"8": 1 / 7, "16": 2 / 7, "32": 4 / 7})
     # --score-only reuses the cached adapters and gives the same numbers
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows]
+    # balanced accuracy next to accuracy, and the test sets' majority-class baselines
+    for row in rows + results["volume_rows"]:
+        assert set(row["balanced"]) == set(row["accuracy"])
+        assert row["mean_balanced"] == pytest.approx(sum(row["balanced"].values()) / len(row["balanced"]))
+    for t, classes in zip("abc", (2, 3, 2)):
+        base = results["test_baselines"][t]
+        assert sum(base["counts"]) == TINY.test_size and len(base["counts"]) == classes
+        assert base["majority"] == max(base["counts"]) / TINY.test_size
+
+
+def test_tiny_pipeline_trains_on_no_test_example(tiny_results, tmp_path):
+    import torch
+
+    cache = tmp_path / "cache"
+    _, _, plan = lora_tasks.prepare(TINY, cache, log=lambda message: None)
+    for entry in plan.values():
+        trained = {i for idx in entry["train"].values() for i in idx}
+        trained |= {i for parts in entry.get("volume", {}).values() for part in parts for i in part}
+        assert not set(entry["test"]) & trained
+    saved = torch.load(cache / "states.pt", weights_only=True)
+    assert saved["splits"] == plan
+
+
+def test_split_refuses_a_test_text_that_is_also_trained_on():
+    import torch
+
+    setup = lora_tasks.Setup(model="tiny", train_sizes={"a": 20}, test_size=10, seeds=(0, 1), volume_task="a",
+                             volume_sizes=(4, 8))
+    labels = {"a": torch.zeros(40, dtype=torch.long)}
+    texts = [f"text {i}" for i in range(40)]
+    plan = lora_tasks.splits(setup, labels, {"a": [texts]})  # unique texts: fine
+    test, trained = plan["a"]["test"], plan["a"]["train"][0]
+    leaked = list(texts)
+    leaked[trained[0]] = leaked[test[0]]  # the same text on both sides of the split
+    with pytest.raises(lora_tasks.Leak):
+        lora_tasks.splits(setup, labels, {"a": [texts, leaked]})
+    # the volume adapters' samples are checked too
+    volume_only = [i for part in plan["a"]["volume"][1] for i in part if i not in set().union(*map(set, plan["a"]["train"].values()))]
+    if volume_only:
+        leaked = list(texts)
+        leaked[volume_only[0]] = leaked[test[0]]
+        with pytest.raises(lora_tasks.Leak):
+            lora_tasks.splits(setup, labels, {"a": [leaked]})
+
+
+def test_loaders_drop_duplicates_before_splitting():
+    texts, labels = data.unique(["a  b", "c", "a b", " c ", "d"], [0, 1, 0, 1, 2])
+    assert texts == ["a  b", "c", "d"] and labels == [0, 1, 2]
+    try:  # the real data, where it is installed (eval/requirements.txt)
+        loaded = {task: loader() for task, loader in data.LOADERS.items()}
+    except data.MissingData:
+        return
+    for task, (texts, labels, names) in loaded.items():
+        normalised = [data.normalise(t) for t in texts]
+        assert len(set(normalised)) == len(normalised), task
+    import torch
+
+    setup = lora_tasks.Setup()
+    plan = lora_tasks.splits(setup, {t: torch.tensor(v[1]) for t, v in loaded.items()},
+                             {t: [[data.normalise(x) for x in v[0]]] for t, v in loaded.items()})
+    assert set(plan) == set(setup.train_sizes)
+
+
+def test_metrics_and_baseline():
+    import torch
+
+    labels = torch.tensor([1, 1, 1, 0])
+    constant = lora_tasks.metrics(torch.ones(4, dtype=torch.long), labels)
+    assert constant == {"accuracy": 0.75, "balanced": 0.5}
+    assert lora_tasks.metrics(labels, labels) == {"accuracy": 1.0, "balanced": 1.0}
+    assert lora_tasks.baseline(labels, 3) == {"counts": [1, 3, 0], "majority": 0.75, "balanced_of_constant": 0.5}
+
+
+def test_init_seeds_differ_per_adapter_and_cache_key_has_a_version(monkeypatch):
+    import zlib
+
+    seeds = {lora_tasks.derived_seed(s, t) for s in (0, 1) for t in ("news", "sentiment", "condition", "same-task-64")}
+    assert len(seeds) == 8
+    assert lora_tasks.derived_seed(0, "news") == zlib.crc32(b"0/news")  # not Python's salted hash()
+    key = TINY.key()
+    monkeypatch.setattr(lora_tasks, "CACHE_VERSION", lora_tasks.CACHE_VERSION + 1)
+    assert TINY.key() != key
+
+
+def test_quick_refuses_no_seeds():
+    from eval import run
+
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--seeds", "0", "--only", "lora"])
 
 
 def test_cached_split_forward_matches_the_model_with_padding():
