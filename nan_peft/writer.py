@@ -173,12 +173,12 @@ def publish_folder(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
     try:
         write(tmp)
-        _sync(tmp)
         umask = os.umask(0)
         os.umask(umask)
         # mkdtemp makes the folder 0700 and safetensors its files 0600: readable by a server of another user
         for path in (tmp, *tmp.rglob("*")):
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        _sync(tmp)  # after the modes, so that they are durable too
         if folder.exists():
             _swap_in(tmp, folder)
             _remove(tmp)  # now holds the old contents
