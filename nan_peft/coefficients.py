@@ -94,17 +94,24 @@ def _inverse_norm(method: str, gram: UpdateGram, granularity: str, exponent: flo
     if granularity == "adapter":
         per_adapter = _normalised(gram.adapter_norms, torch.ones(len(gram.adapter_names), dtype=torch.bool), exponent, total)
         return Coefficients(method, granularity, gram.adapter_names, gram.modules, per_adapter * gram.present, per_adapter)
-    # A module whose update is exactly zero contributes nothing whatever its weight: count it as absent.
+    # Where p > 0, a module whose update is exactly zero would take an infinite weight for nothing (it adds
+    # nothing whatever its weight): it counts as absent. Uniform (p = 0) counts every adapter present.
     norms = gram.module_norms
-    values = _normalised(norms, gram.present & (norms > 0), exponent, total)
+    values = _normalised(norms, gram.present & (norms > 0) if exponent > 0 else gram.present, exponent, total)
     return Coefficients(method, granularity, gram.adapter_names, gram.modules, values, None)
 
 
 def _normalised(norms: torch.Tensor, mask: torch.Tensor, exponent: float, total: float) -> torch.Tensor:
-    """total * n^-p / sum(n^-p) over the entries in mask, along the last axis; 0 outside the mask."""
-    inverse = torch.where(mask, norms.where(mask, 1.0).pow(-exponent), 0.0)
-    sums = inverse.sum(-1, keepdim=True)
-    return torch.where(sums > 0, total * inverse / sums.where(sums > 0, 1.0), 0.0)
+    """total * n^-p / sum(n^-p) over the entries in mask, along the last axis; 0 outside the mask.
+
+    Computed as a masked softmax of -p log n: n^-p itself overflows or underflows float64 for large |p| (a
+    module alone at its path would get 0 / 0)."""
+    logits = torch.zeros_like(norms) if exponent == 0 else -exponent * norms.log()  # n = 0, p < 0: weight 0
+    logits = logits.masked_fill(~mask, -math.inf)
+    top = logits.amax(-1, keepdim=True)
+    weights = torch.where(mask & (top > -math.inf), (logits - top.where(top > -math.inf, 0.0)).exp(), 0.0)
+    sums = weights.sum(-1, keepdim=True)
+    return torch.where(sums > 0, total * weights / sums.where(sums > 0, 1.0), 0.0)
 
 
 def _check_number(name: str, value: float) -> None:

@@ -268,3 +268,51 @@ def test_python_options_read_like_the_command_line(llama_adapters):
     for bad in (torch.int32, "int8", "double-ish"):
         with pytest.raises(NanPeftError, match="dtype must be a float type"):
             merge_adapters(["/nonexistent"], dtype=bad)
+
+
+def _gram(norms, present):
+    """An UpdateGram whose modules' norms are `norms` (M, K) with no cross terms."""
+    from nan_peft.norms import UpdateGram
+
+    norms = torch.tensor(norms, dtype=torch.float64)
+    inner = torch.diag_embed(norms.square())
+    M, K = norms.shape
+    return UpdateGram(tuple(f"a{k}" for k in range(K)), tuple(f"m{m}" for m in range(M)), inner, torch.tensor(present))
+
+
+def test_uniform_per_module_counts_every_adapter_present():
+    """A module whose update is exactly zero (peft initialises B at zero) still counts for uniform coefficients,
+    as it does per adapter: the other adapter's update is not doubled there."""
+    from nan_peft.coefficients import nan_coefficients, uniform_coefficients
+
+    gram = _gram([[1.0, 0.0], [1.0, 2.0], [3.0, 0.0]], [[True, True], [True, True], [True, False]])
+    assert uniform_coefficients(gram, granularity="module").values.tolist() == [[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]]
+    assert nan_coefficients(gram, granularity="module").values.tolist() == [[1.0, 0.0], [2 / 3, 1 / 3], [1.0, 0.0]]
+
+
+@pytest.mark.parametrize("exponent", [400.0, 1000.0, -300.0])
+def test_extreme_exponents_give_the_limit_not_nan(exponent):
+    """n^-p over- or underflows float64 for large |p|: the coefficients are computed as a softmax of -p log n, so
+    they stay finite, sum to total, and go to the limit (all weight on the smallest norm for p > 0, on the
+    largest for p < 0); a module where one adapter is alone keeps it whole."""
+    from nan_peft.coefficients import nan_coefficients
+
+    gram = _gram([[8.6, 0.0], [8.6, 7.9]], [[True, False], [True, True]])
+    values = nan_coefficients(gram, granularity="module", exponent=exponent, total=2.0).values
+    assert torch.isfinite(values).all() and values[0].tolist() == [2.0, 0.0]
+    assert values[1].tolist() == pytest.approx([0.0, 2.0] if exponent > 0 else [2.0, 0.0], abs=1e-10)  # (7.9/8.6)^300 = 9e-12
+    per_adapter = nan_coefficients(gram, exponent=exponent).per_adapter
+    assert torch.isfinite(per_adapter).all() and float(per_adapter.sum()) == pytest.approx(1.0)
+
+
+def test_model_card_says_which_engines_serve_it(llama_adapters):
+    """The card's serving sentence comes from the same findings as `nan-peft inspect`: an adapter restricted to
+    some layers (layers_to_transform) is one LoRAX and TGI would serve differently from peft."""
+    from nan_peft.record import input_entry, merge_record, model_card
+
+    cases = [(llama_adapters[:1], "(vLLM, LoRAX, TGI) load it as is"),
+             ([llama_adapters[0], llama_adapters[3]], "but LoRAX, TGI would not serve it as peft does (`nan-peft inspect` says why); vLLM loads it as is.")]
+    for adapters, says in cases:
+        result = merge_adapters(adapters)
+        record = merge_record(result, [input_entry(str(a), a, a.name) for a in adapters], ["nan-peft", "merge"], {})
+        assert says in model_card(result, record, "out")
