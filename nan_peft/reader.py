@@ -249,6 +249,7 @@ def check_config(config: dict, label: str) -> None:
         (config.get("use_bdlora"), "block-diagonal LoRA (use_bdlora) saves its factors in a compact layout; their update is not s*B@A"),
         (config.get("kasa_config"), "KaSA adapters (kasa_config) truncate the base weight and add a learned diagonal; their update is not s*B@A"),
         (config.get("layer_replication"), "adapters with layer_replication adapt a model with repeated layers; their modules do not map onto the base"),
+        (config.get("enable_lora"), "adapters with enable_lora are peft 0.2's MergedLinear format, which current peft cannot load"),
     ]
     for refused, why in refusals:
         if refused:
@@ -318,7 +319,7 @@ def _read_tensors(folder: Path, label: str, config: dict) -> dict[str, torch.Ten
             tensors = torch.load(pickle, map_location="cpu", weights_only=True)
         except Exception as error:  # weights_only refuses code; any failure is a bad file
             raise NanPeftError(f"{label}: {BIN_NAME} is unreadable or not plain tensors ({_first_line(error)})") from None
-        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
             raise NanPeftError(f"{label}: {BIN_NAME} is not a state dict of tensors")
         return tensors
     raise NanPeftError(f"{label}: missing {SAFETENSORS_NAME} (or {BIN_NAME})")
@@ -328,8 +329,13 @@ def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
-        if match is None or match["rest"] not in (None, ".weight"):
+        if match is None:
             raise NanPeftError(f"{label}: unexpected tensor {key!r} (only lora_A / lora_B factors are supported)")
+        # Exactly the keys peft loads: any other form it skips, and the adapter is a no-op there in peft.
+        expected = None if match["factor"].startswith("lora_embedding") else ".weight"
+        if match["rest"] != expected or not key.startswith(KEY_PREFIX):
+            form = f"{KEY_PREFIX}<module>.{match['factor']}{expected or ''}"
+            raise NanPeftError(f"{label}: tensor {key!r} is not named as peft saves it ({form}); peft would not load it")
         module = match["module"].removeprefix(KEY_PREFIX)
         factors.setdefault(module, {})[match["factor"]] = tensor
 
@@ -348,6 +354,8 @@ def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label:
 def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict, label: str) -> LoraModule:
     if not (A.is_floating_point() and B.is_floating_point()):
         raise NanPeftError(f"{label}: module {path} has non-float factors ({A.dtype}, {B.dtype})")
+    # float8 factors load into peft's float32 parameters; torch has little arithmetic for float8 itself
+    A, B = (t.float() if t.element_size() == 1 else t for t in (A, B))
     if A.dim() > 2 or B.dim() > 2:
         kind = "conv" if kind == "linear" else kind
     if A.dim() < 2 or B.dim() < 2 or (kind == "embedding" and (A.dim(), B.dim()) != (2, 2)):

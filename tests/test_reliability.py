@@ -167,7 +167,11 @@ def test_truncated_or_corrupted_safetensors(llama_adapters, tmp_path, damage, me
 @pytest.mark.parametrize("transform,message", [
     # a DoRA magnitude vector in an adapter whose config forgot use_dora: dropping it would change the update
     (lambda s: {**s, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)}, "unexpected tensor"),
-    (lambda s: {**s, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.ones(32)}, "unexpected tensor"),
+    (lambda s: {**s, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.ones(32)}, "not named as peft saves it"),
+    # key forms peft does not load (the adapter would be a no-op there in peft, not in the merge)
+    (lambda s: {k.removeprefix("base_model.model."): v for k, v in s.items()}, r"not named as peft saves it \(base_model\.model\.<module>\.lora_[AB]\.weight\)"),
+    (lambda s: {k.removesuffix(".weight"): v for k, v in s.items()}, "not named as peft saves it"),
+    (lambda s: {k.replace("lora_A", "lora_embedding_A"): v for k, v in s.items()}, r"lora_embedding_A\)"),
     (lambda s: {k: v.to(torch.int32) for k, v in s.items()}, "non-float factors"),
     (lambda s: {k: v[0].contiguous() if "lora_A" in k else v for k, v in s.items()}, r"factors of shapes \(32,\)"),
 ])
@@ -175,6 +179,28 @@ def test_tensors_that_are_not_plain_lora_factors(llama_adapters, tmp_path, trans
     folder = copy(llama_adapters[0], tmp_path, "bad")
     save_file(transform(load_file(folder / WEIGHTS)), folder / WEIGHTS)
     refused(folder, message)
+
+
+def test_float8_factors_read_as_peft_loads_them(llama_adapters, tmp_path):
+    """peft loads float8 factors into its float32 parameters; so does the reader (torch has little float8 math)."""
+    folder = copy(llama_adapters[0], tmp_path, "f8")
+    state = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(folder / WEIGHTS).items()}
+    save_file(state, folder / WEIGHTS)
+    adapter = read_adapter(folder)
+    for key, tensor in state.items():
+        path, factor = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+        torch.testing.assert_close(getattr(adapter.modules[path], factor[-1]), tensor.float(), rtol=0, atol=0)
+
+
+def test_old_formats_and_odd_pickles_are_refused_in_one_line(llama_adapters, tmp_path):
+    folder = copy(llama_adapters[0], tmp_path, "merged-linear")
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps({**config, "enable_lora": [False, True, False]}))
+    refused(folder, "enable_lora are peft 0.2's MergedLinear format")
+    folder = copy(llama_adapters[0], tmp_path, "int-keys")
+    (folder / WEIGHTS).unlink()
+    torch.save({1: torch.ones(2)}, folder / "adapter_model.bin")
+    refused(folder, "adapter_model.bin is not a state dict of tensors")
 
 
 def test_nan_peft_output_carries_a_checksum_that_catches_any_edit(llama_adapters, tmp_path):
