@@ -339,6 +339,7 @@ def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label:
         module = match["module"].removeprefix(KEY_PREFIX)
         factors.setdefault(module, {})[match["factor"]] = tensor
 
+    _check_targeted(factors, config, label)
     modules = {}
     for path in sorted(factors):
         found = factors[path]
@@ -349,6 +350,21 @@ def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label:
         A, B = found[a_key], found[b_key]
         modules[path] = _module(path, A, B, kind, config, label)
     return modules
+
+
+def _check_targeted(paths, config: dict, label: str) -> None:
+    """Refuse factors of a module that a list of target_modules does not name: peft wraps only the modules the
+    list names (a path equal to a name or ending in "." + name) and skips other saved factors, so the adapter
+    does nothing there in peft. Regex, "all-linear" and ensure_weight_tying targets need the model; not checked."""
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or "all-linear" in targets or config.get("ensure_weight_tying"):
+        return
+    for path in sorted(paths):
+        if not any(path == name or path.endswith("." + name) for name in targets if isinstance(name, str)):
+            raise NanPeftError(
+                f"{label}: it holds factors for {path}, which target_modules ({_listed(targets)}) does not name; "
+                "peft would not load them"
+            )
 
 
 def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict, label: str) -> LoraModule:

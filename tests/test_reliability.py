@@ -192,6 +192,19 @@ def test_float8_factors_read_as_peft_loads_them(llama_adapters, tmp_path):
         torch.testing.assert_close(getattr(adapter.modules[path], factor[-1]), tensor.float(), rtol=0, atol=0)
 
 
+def test_factors_the_config_does_not_target_are_refused(llama_adapters, tmp_path):
+    """peft wraps only the modules target_modules names and skips other saved factors (checked: its update is
+    zero there), so reading them would merge an update the adapter does not make in peft."""
+    from peft import PeftModel
+
+    from models import BASES, LLAMA
+
+    folder = set_config(copy(llama_adapters[0], tmp_path, "narrowed"), target_modules=["q_proj"])
+    model = PeftModel.from_pretrained(BASES[LLAMA](), folder)
+    assert not hasattr(model.base_model.model.model.layers[0].self_attn.v_proj, "lora_A")
+    refused(folder, r"factors for model\.layers\.0\.self_attn\.v_proj, which target_modules \(q_proj\) does not name")
+
+
 def test_old_formats_and_odd_pickles_are_refused_in_one_line(llama_adapters, tmp_path):
     folder = copy(llama_adapters[0], tmp_path, "merged-linear")
     config = json.loads((folder / CONFIG).read_text())
@@ -221,8 +234,9 @@ def test_nan_peft_output_carries_a_checksum_that_catches_any_edit(llama_adapters
     rescaled = set_config(copy(out, tmp_path, "rescaled"), lora_alpha=r + 1)  # a valid config, a different scale
     refused(rescaled, "do not match the checksum")
 
-    # fields outside the update's math may change freely
-    renamed = set_config(copy(out, tmp_path, "renamed"), base_model_name_or_path="elsewhere", target_modules=["q_proj"])
+    # fields outside the update's math may change freely (target_modules may name more modules, not fewer)
+    targets = json.loads((out / CONFIG).read_text())["target_modules"]
+    renamed = set_config(copy(out, tmp_path, "renamed"), base_model_name_or_path="elsewhere", target_modules=[*targets, "k_proj"])
     assert_same_adapter(read_adapter(renamed), original)
 
 
