@@ -160,7 +160,7 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
         "```",
         "",
         f"The adapter has one rank ({record['rank']}) and its scales baked into the factors (lora_alpha = r), "
-        + _serving_sentence(result),
+        + _serving_sentence(result, record["rank"]),
         "",
         "## Reproduce it",
         "",
@@ -175,19 +175,15 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
     return "\n".join(lines)
 
 
-def _serving_sentence(result: MergeResult) -> str:
-    """Which engines that hot-swap adapters load the merged adapter as is, from serving.serving_findings."""
-    from dataclasses import replace
-
-    from .serving import loads, serving_findings
-    from .writer import adapter_config
+def _serving_sentence(result: MergeResult, rank: int) -> str:
+    """Which engines that hot-swap adapters load the merged adapter (written at `rank`) as is."""
+    from .serving import loads, written_findings
 
     names = {"vllm": "vLLM", "lorax": "LoRAX", "tgi": "TGI"}
-    findings = serving_findings(replace(result.adapter, config=adapter_config(result.adapter)))  # as written
+    findings = written_findings(result.adapter, rank)
     refused = [label for engine, label in names.items() if not loads(findings[engine])]
     if not refused:
         return "so serving engines that hot-swap adapters (vLLM, LoRAX, TGI) load it as is; `nan-peft inspect` checks this."
     loaded = [label for label in names.values() if label not in refused]
     return (f"but {', '.join(refused)} would not serve it as peft does (`nan-peft inspect` says why)"
             + (f"; {', '.join(loaded)} load{'s' if len(loaded) == 1 else ''} it as is." if loaded else "."))
-

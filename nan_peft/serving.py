@@ -277,7 +277,7 @@ def plan_for(adapter: LoraAdapter, engine: str, rank: int | None = None) -> Serv
     """Fit `adapter` (in nan-peft's servable form: one rank, scales baked in) to `engine`: pad the rank
     (engine_rank), leave out tensors the engine refuses (full weights carried beside the factors) and check
     the result with serving_findings. `rank` is the rank asked for (default: the adapter's)."""
-    from .writer import adapter_config, servable_rank
+    from .writer import servable_rank
 
     if engine not in ENGINES:
         raise NanPeftError(f"unknown serving engine {engine!r}; choose from {', '.join(ENGINES)}")
@@ -293,9 +293,18 @@ def plan_for(adapter: LoraAdapter, engine: str, rank: int | None = None) -> Serv
             "they are copies of the base model's weights unless its vocabulary was resized"
         )
         adapter = dataclasses.replace(adapter, extras={}, saved={})
+    return ServingPlan(engine, adapter, target, changes, written_findings(adapter, target)[engine])
+
+
+def written_findings(adapter: LoraAdapter, rank: int | None = None) -> dict[str, list[Finding]]:
+    """serving_findings of `adapter` as nan-peft writes it: its config from writer.adapter_config, one rank
+    (`rank`, default the adapter's), scales baked in."""
+    from .writer import adapter_config, servable_rank
+
+    rank = servable_rank(adapter, rank)
     written = dataclasses.replace(
         adapter,
-        config=adapter_config(adapter, target),
-        modules={p: dataclasses.replace(m, A=m.A.new_empty((target, m.A.shape[1])), scale=1.0) for p, m in adapter.modules.items()},
+        config=adapter_config(adapter, rank),
+        modules={p: dataclasses.replace(m, A=m.A.new_empty((rank, m.A.shape[1])), scale=1.0) for p, m in adapter.modules.items()},
     )
-    return ServingPlan(engine, adapter, target, changes, serving_findings(written)[engine])
+    return serving_findings(written)
