@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-RULE_OPTIONS = ("density", "scale", "normalize", "seed")
+RULE_OPTIONS = ("density", "scale", "normalize", "seed", "majority_sign_method")
 _CARRIED_SUFFIX = ".base_layer.weight"
 # Files that hold weights (in any format): never copied into the output, where they would be stale.
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)(\.index\.json)?$")

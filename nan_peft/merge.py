@@ -162,6 +162,7 @@ def merge_adapters(
     scale: float | None = None,
     normalize: bool | None = None,
     seed: int | None = None,
+    majority_sign_method: str | None = None,
     weights: Sequence[float] | None = None,
     granularity: str | None = None,
     exponent: float | None = None,
@@ -177,7 +178,8 @@ def merge_adapters(
     "uniform", "manual" (with `weights`; the default when `weights` are given), or the weights themselves.
     method: the merge rule the coefficients are plugged into (nan_peft.rules.RULES): "task_arithmetic"
     (default, scale * sum_k c_k dW_k), "ties", "dare_linear", "dare_ties", "magnitude_prune", with their
-    options density, scale (lambda), normalize and seed. NAN norms are always those of the full updates.
+    options density, scale (lambda), normalize, seed and majority_sign_method ("total" or "frequency": TIES
+    sign election by mass or by vote). NAN norms are always those of the full updates.
     combine: "cat" (exact, rank = sum of ranks; the default for task_arithmetic) or "svd" (best
     rank-`rank` approximation; the default, and the only choice, for the entry-wise rules).
     Computation runs on `device`; the result is written in `dtype`, a float torch.dtype or its name
@@ -194,7 +196,7 @@ def merge_adapters(
             raise NanPeftError(f"{key} must be a finite number, got {value}")
     if scale == 0:
         raise NanPeftError("scale 0 makes the merged update zero: nothing to merge")
-    rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed}
+    rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed, "majority_sign_method": majority_sign_method}
     rule_options(method, rule)  # fail before any reading
     dtype = output_dtype(dtype)
     device = resolve_device(device)

@@ -18,6 +18,7 @@ import torch
 from ..errors import NanPeftError
 from ..registry import checked_options
 from .dare import dare_linear, dare_ties
+from .family import SIGN_METHODS
 from .magnitude_prune import magnitude_prune
 from .task_arithmetic import task_arithmetic
 from .ties import ties
@@ -40,6 +41,8 @@ def rule_options(name: str, options: Mapping) -> tuple[dict, int | None]:
     options = dict(options)
     seed = options.pop("seed", None)
     given = checked_options("rule", RULES, name, 3, options)
+    if given.get("majority_sign_method", "total") not in SIGN_METHODS:
+        raise NanPeftError(f"unknown majority_sign_method {given['majority_sign_method']!r}; choose from {', '.join(SIGN_METHODS)}")
     if name in RANDOM:
         return given, 0 if seed is None else int(seed)
     if seed is not None:

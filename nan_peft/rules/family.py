@@ -35,9 +35,21 @@ def drop_random(deltas: torch.Tensor, density: float, generator: torch.Generator
     return kept / density if rescale else kept
 
 
-def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES sign election by mass: sign(sum_k c_k dW_k) entry by entry."""
-    return weighted.sum(0).sign()
+SIGN_METHODS = ("total", "frequency")
+
+
+def elect_sign(weighted: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election, entry by entry, on the weighted updates c_k dW_k: by mass ("total",
+    sign(sum_k c_k dW_k)) or by vote ("frequency", the sign most of the non-zero c_k dW_k have; a tied vote
+    goes to the mass, as "total" elects). peft's calculate_majority_sign_mask counts the same votes but gives a
+    tied vote to +1 (and elects on the unweighted updates: the same signs for positive coefficients)."""
+    mass = weighted.sum(0).sign()
+    if method == "total":
+        return mass
+    if method == "frequency":
+        votes = weighted.sign().sum(0).sign()
+        return torch.where(votes == 0, mass, votes)
+    raise NanPeftError(f"unknown majority_sign_method {method!r}; choose from {', '.join(SIGN_METHODS)}")
 
 
 def merge_family(
@@ -48,6 +60,7 @@ def merge_family(
     density: float = 1.0,
     consensus: bool = False,
     normalize: bool = True,
+    sign_method: str = "total",
     scale: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -55,9 +68,9 @@ def merge_family(
 
     sparsify: None, "magnitude" (trim) or "random" (DARE drop and rescale), at `density`.
     Without consensus: sum_k c_k dW'_k. With consensus (TIES): entries whose weighted sign disagrees with
-    the elected sign, or that were sparsified away, are left out; with `normalize` the rest is averaged
-    with weights |c_k| (sum_k c_k dW'_k [agree] / sum_k |c_k| [agree], TIES's disjoint mean with the
-    coefficients plugged in), else summed. Each entry is then a convex combination of the agreeing
+    the sign elected by `sign_method` (elect_sign: "total" or "frequency"), or that were sparsified away,
+    are left out; with `normalize` the rest is averaged with weights |c_k| (sum_k c_k dW'_k [agree] /
+    sum_k |c_k| [agree], TIES's disjoint mean with the coefficients plugged in), else summed. Each entry is then a convex combination of the agreeing
     sign(c_k) dW'_k: a negative coefficient keeps its negation (one adapter with c = -1 gives -dW') and
     mixed-sign coefficients never inflate the result (a signed divisor c_1 + c_2 could be near 0). For
     positive coefficients |c_k| = c_k.
@@ -74,7 +87,7 @@ def merge_family(
     weighted = deltas * c
     if not consensus:
         return scale * weighted.sum(0)
-    agree = (weighted.sign() == elect_sign(weighted)) & (deltas != 0)
+    agree = (weighted.sign() == elect_sign(weighted, sign_method)) & (deltas != 0)
     merged = (weighted * agree).sum(0)
     if normalize:
         divisor = (c.abs() * agree).sum(0)
