@@ -330,18 +330,22 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         plan.raise_for_errors()
         record["rank"] = plan.rank  # the rank written: padded for the engine
     if fold["fold_into"] is not None:
-        from .fold import parse_max_memory
-        from .record import RECORD_NAME, record_json
+        from .fold import parse_max_memory, resolve_base
+        from .hub import provenance
 
         record["options"]["fold_into"] = fold["fold_into"]
+        base = resolve_base(fold["fold_into"])  # once: the folder folded is the commit recorded
+        base_source = provenance(fold["fold_into"], base)
+        if base_source is not None:
+            record["fold_into_hub"] = base_source
         memory = parse_max_memory(fold["max_memory"]) if fold["max_memory"] else None
         if fold["device_map"] and (quiet or not sys.stderr.isatty()):  # transformers' own loading/saving bars
             from transformers.utils.logging import disable_progress_bar
 
             disable_progress_bar()
         with _stage(f"folding into {fold['fold_into']}: {output}", quiet):
-            written = result.fold_into(fold["fold_into"], output, device=device, device_map=fold["device_map"], max_memory=memory,
-                                       overwrite=force, extra_files={RECORD_NAME: record_json(record)})
+            written = result.fold_into(base, output, device=device, device_map=fold["device_map"], max_memory=memory,
+                                       overwrite=force, extra_files=provenance_files(result, record, output))
         _report_merge(result, record, output, written, as_json)
         return
     if plan is not None:

@@ -38,7 +38,6 @@ _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
 _CARRIED_SUFFIX = ".base_layer.weight"  # a targeted embedding's full weight, saved by peft's save_embedding_layers
 _MODULE_NAME = re.compile(r"[\w.\-]+")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
@@ -132,20 +131,19 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_different_bases: boo
 
 
 def resolve_folder(path: str | os.PathLike, what: str, **hub_patterns) -> Path:
-    """A local folder, or a Hub id fetched through huggingface_hub (`hub_patterns`: snapshot_download's
-    allow_patterns / ignore_patterns); NanPeftError in one line otherwise. `what` says what the folder holds."""
+    """A local folder, or else a Hub reference (`org/name`, `org/name@revision`, `org/name/subfolder[@revision]`)
+    fetched through huggingface_hub (nan_peft.hub; `hub_patterns`: snapshot_download's allow_patterns /
+    ignore_patterns, relative to the subfolder); NanPeftError in one line otherwise. A local folder always wins,
+    whatever its path looks like. `what` says what the folder holds."""
     folder = Path(path)
     if folder.is_dir():
         return folder
     if folder.exists():
         raise NanPeftError(f"{path}: not a folder ({what})")
-    if isinstance(path, str) and _HUB_ID.match(path):
-        try:
-            from huggingface_hub import snapshot_download
+    if isinstance(path, str):
+        from . import hub
 
-            return Path(snapshot_download(path, **hub_patterns))
-        except Exception as error:  # network, auth, missing repo: one line either way
-            raise NanPeftError(f"{path}: no such folder, and fetching it from the Hub failed ({type(error).__name__})") from None
+        return hub.resolve_folder(path, **hub_patterns)
     raise NanPeftError(f"{path}: no such folder")
 
 
