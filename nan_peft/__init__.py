@@ -26,6 +26,7 @@ __all__ = [
     "UpdateGram",
     "adapter_config",
     "add_nan_weighted_adapter",
+    "add_weighted_adapter",
     "adapter_state_dict",
     "coefficients_for",
     "combine",
@@ -41,9 +42,14 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # add_nan_weighted_adapter needs peft's model classes (and so transformers): import them on first use
+    # add_nan_weighted_adapter and add_weighted_adapter need peft's model classes (and so transformers): import
+    # them on first use
     if name == "add_nan_weighted_adapter":
         from .live import add_nan_weighted_adapter
 
         return add_nan_weighted_adapter
+    if name == "add_weighted_adapter":
+        from .weighted_adapter import add_weighted_adapter
+
+        return add_weighted_adapter
     raise AttributeError(f"module 'nan_peft' has no attribute {name!r}")

@@ -23,7 +23,8 @@ def adapter_from_model(model: PeftModel, name: str) -> LoraAdapter:
     saves (peft's ModulesToSaveWrapper copies, e.g. a task head) into `saved`, keyed as peft saves them."""
     if name not in model.peft_config:
         raise NanPeftError(f"the model has no adapter {name!r} (it has {', '.join(model.peft_config)})")
-    config = model.peft_config[name].to_dict()
+    # the config as peft's PeftConfig.save_pretrained writes it (peft/config.py: sets, e.g. target_modules, as lists)
+    config = {k: sorted(v, key=str) if isinstance(v, set) else v for k, v in model.peft_config[name].to_dict().items()}
     check_config(config, f"adapter {name}")
     modules, saved = {}, {}
     for path, layer in model.named_modules():
