@@ -19,6 +19,7 @@ it loads an adapter. Each rule below names the llama.cpp file it comes from (ggm
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import NanPeftError
-from .lora import KEY_PREFIX, FACTOR_KEYS, LoraAdapter
+from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter
 from .writer import adapter_config, adapter_state_dict, check_file_names, publish_folder, servable_rank, write_files
 
 GGUF_NAME = "adapter_model.gguf"
@@ -42,6 +43,22 @@ _ARCHITECTURES = {
     "MistralForCausalLM": ("LLAMA", True),
     "Qwen2ForCausalLM": ("QWEN2", False),
 }
+
+
+def read_base_config(base: str | os.PathLike) -> dict:
+    """The base model's config.json as a dict, from a folder holding it (what convert_lora_to_gguf.py's --base
+    takes: only the config is needed, not the weights) or from the file itself; nothing is downloaded."""
+    path = Path(base)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NanPeftError(f"{base}: no config.json there; --base takes the base model's folder (only its config.json is read)") from None
+    except (OSError, ValueError) as error:
+        raise NanPeftError(f"{file}: not a readable config.json ({type(error).__name__})") from None
+    if not isinstance(config, dict):
+        raise NanPeftError(f"{file}: not a model config (a JSON object)")
+    return config
 
 
 def gguf_architecture(base_config: Mapping) -> tuple[str, bool]:

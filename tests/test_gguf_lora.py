@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import nan_peft  # noqa: E402
 from nan_peft.errors import NanPeftError  # noqa: E402
-from nan_peft.gguf_lora import GGUF_NAME, write_gguf_lora  # noqa: E402
+from nan_peft.gguf_lora import GGUF_NAME, read_base_config, write_gguf_lora  # noqa: E402
 
 HEADS, KV_HEADS, HIDDEN, LAYERS, VOCAB, FF = 4, 2, 64, 2, 96, 96
 HEAD_DIM = HIDDEN // HEADS
@@ -159,7 +159,12 @@ def test_llama_update_equals_peft_merged_weights_in_llama_cpp_row_order(tmp_path
 def test_qwen2_is_not_permuted(tmp_path):
     model, base_config = peft_adapter(tmp_path / "adapter", Qwen2ForCausalLM, Qwen2Config,
                                       target_modules=["q_proj", "k_proj"])
-    path = write_gguf_lora(nan_peft.read_adapter(tmp_path / "adapter"), base_config, tmp_path / "out")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps(base_config))
+    adapter = nan_peft.read_adapter(tmp_path / "adapter")
+    path = write_gguf_lora(adapter, read_base_config(tmp_path / "base"), tmp_path / "out")
+    again = write_gguf_lora(adapter, base_config, tmp_path / "again")
+    assert path.read_bytes() == again.read_bytes()  # the same merge gives the same bytes
     fields, tensors = read_back(path)
     assert fields["general.architecture"] == "qwen2"
     for module_path, (A, B, scale) in peft_modules(model).items():
@@ -176,6 +181,8 @@ def test_refusals(tmp_path):
     plain = nan_peft.read_adapter(tmp_path / "plain")
     with pytest.raises(NanPeftError, match="does not handle base architecture GPT2LMHeadModel"):
         write_gguf_lora(plain, {**config, "architectures": ["GPT2LMHeadModel"]}, tmp_path / "out")
+    with pytest.raises(NanPeftError, match="no config.json"):
+        read_base_config(tmp_path / "plain")
     with pytest.raises(NanPeftError, match="names no architectures"):
         write_gguf_lora(plain, {k: v for k, v in config.items() if k != "architectures"}, tmp_path / "out")
     with pytest.raises(NanPeftError, match="output rows.*heads"):  # a wrong base would permute the wrong rows
