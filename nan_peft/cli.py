@@ -28,7 +28,9 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "discarded": float,            # ||dW - dW_r||_F dropped by svd truncation (0 for cat)
                   "relative_discarded": float,
                   "coefficients": {adapter name: float}}],
-     "serve": "vllm" | "lorax" | "tgi" | "peft" | null,  # the engine the output was fitted to (--serve)
+     "serve": "vllm" | "sglang" | "lorax" | "tgi" | "trtllm" | "llamacpp" | "peft" | null,  # the engine fitted to (--serve)
+     "tensor_parallel": int | null,      # the engine's tensor-parallel degree (--tensor-parallel; null without --serve)
+     "engine_version": str | null,       # the engine version whose rules applied (named, or the installed one)
      "fold_into": str | null,            # the base model folded into (--fold-into): OUTPUT is then a full model
      "heads": {"mode": "drop" | "per-task" | "keep",  # what became of full modules the adapters carry
                "shared": [str],                  # state-dict keys identical in every adapter
@@ -71,7 +73,7 @@ from .rules import RULES
 from .serving import ENGINES
 
 MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
-RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", "fold_into", "device_map", "max_memory", *MERGE_OPTIONS)
+RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", "tensor_parallel", "engine_version", "fold_into", "device_map", "max_memory", *MERGE_OPTIONS)
 HEADS = ("drop", "per-task", "keep")
 DTYPES = ("float32", "float16", "bfloat16")
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
@@ -243,6 +245,10 @@ def cli() -> None:
 @_opt("--serve", type=click.Choice(ENGINES), section="Input and output",
       help="Fit the output to a serving engine (rank padded to one it takes, tensors it refuses left out), say what "
       "changed, and refuse if it still could not serve it.")
+@_opt("--tensor-parallel", "tensor_parallel", type=click.IntRange(min=1), metavar="N", section="Input and output",
+      help="The engine's tensor-parallel degree, with --serve (LoRAX and TGI pad ranks by it) [default 1].")
+@_opt("--engine-version", "engine_version", metavar="V", section="Input and output",
+      help="The engine version to fit, with --serve (vLLM 0.32 and later honour rank/alpha patterns) [default: installed, else the oldest rules].")
 @_opt("--heads", type=click.Choice(HEADS), section="Input and output",
       help="Full modules the adapters carry (modules_to_save, e.g. task heads): drop them [default], write "
       "OUTPUT/<task>/ with each task's own head beside the merge (per-task), or keep them when all adapters share them.")
@@ -290,6 +296,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     recipe_data = _load_recipe(recipe) if recipe else {}
     heads = given.pop("heads", None) or recipe_data.get("heads") or "drop"
     serve = given.pop("serve", None) or recipe_data.get("serve")
+    deployment = {key: given.pop(key, None) or recipe_data.get(key) for key in ("tensor_parallel", "engine_version")}
     fold = {key: given.pop(key, None) or recipe_data.get(key) for key in ("fold_into", "device_map", "max_memory")}
     if fold["fold_into"] is None and (fold["device_map"] or fold["max_memory"]):
         raise click.UsageError("--device-map and --max-memory go with --fold-into", ctx)
@@ -297,6 +304,13 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         raise click.UsageError("--fold-into writes a full model: --serve and --heads do not apply", ctx)
     if serve is not None and serve not in ENGINES:
         raise NanPeftError(f"{recipe}: serve must be one of {', '.join(ENGINES)}, not {serve!r}")
+    if serve is None and any(value is not None for value in deployment.values()):
+        raise click.UsageError("--tensor-parallel and --engine-version go with --serve", ctx)
+    target = None
+    if serve is not None:
+        from .serving import target_for
+
+        target = target_for(serve, deployment["tensor_parallel"] or 1, deployment["engine_version"])
     if heads not in HEADS:
         raise NanPeftError(f"{recipe}: heads must be one of {', '.join(HEADS)}, not {heads!r}")
     options = {key: recipe_data[key] for key in MERGE_OPTIONS if recipe_data.get(key) is not None}
@@ -321,12 +335,13 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         result = merge_adapters(sources, device=device, **options)
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
-    record = merge_record(result, inputs, command, {"device": str(device), "heads": heads, "serve": serve}, recipe=recipe_data or None)
+    deployed = {"tensor_parallel": target.tensor_parallel, "engine_version": target.version} if target else {}
+    record = merge_record(result, inputs, command, {"device": str(device), "heads": heads, "serve": serve, **deployed}, recipe=recipe_data or None)
     plan = None
-    if serve is not None:
+    if target is not None:
         from .serving import plan_for
 
-        plan = plan_for(result.adapter, serve)
+        plan = plan_for(result.adapter_for(heads.replace("-", "_")), target, where=output)
         plan.raise_for_errors()
         record["rank"] = plan.rank  # the rank written: padded for the engine
     if fold["fold_into"] is not None:
@@ -356,7 +371,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         _note(f"note: {notice}", quiet)
     with _stage(f"writing {output}", quiet), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes above said it
-        written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"), serve=serve)
+        written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"), serve=plan)
 
     _report_merge(result, record, output, written, as_json)
 
@@ -415,6 +430,8 @@ def _merge_document(result, record: dict, output: str, files: list[str]) -> dict
         ],
         "modules": modules,
         "serve": record["options"]["serve"],
+        "tensor_parallel": record["options"].get("tensor_parallel"),
+        "engine_version": record["options"].get("engine_version"),
         "fold_into": record["options"].get("fold_into"),
         "heads": {
             "mode": record["options"]["heads"],
@@ -483,10 +500,10 @@ def _load_recipe(path: str) -> dict:
 
 _RECIPE_TYPES = {  # key: (accepted types, what to say)
     **dict.fromkeys(("force", "allow_different_bases", "allow_duplicates", "normalize"), ((bool,), "true or false")),
-    **dict.fromkeys(("rank", "seed"), ((int,), "an integer")),
+    **dict.fromkeys(("rank", "seed", "tensor_parallel"), ((int,), "an integer")),
     **dict.fromkeys(("density", "scale", "exponent", "total"), ((int, float), "a number")),
     **dict.fromkeys(("output", "method", "combine", "coefficients", "granularity", "device", "dtype", "heads", "serve",
-                     "fold_into", "max_memory"), ((str,), "a string")),
+                     "engine_version", "fold_into", "max_memory"), ((str,), "a string")),
     "weights": ((str, list), "a list of numbers"),
     "device_map": ((str, dict), "a device map (auto, balanced, ... or a mapping)"),
     "adapters": ((list,), "a list"),
@@ -594,12 +611,17 @@ def norms(adapters, allow_different_bases, device, as_json, quiet, debug) -> Non
             click.echo(f"{header}: {entry['error']}")
 
 
-@cli.command("inspect", short_help="What an adapter is and whether vLLM, LoRAX, TGI and peft load it.")
+@cli.command("inspect", short_help="What an adapter is and which serving engines load it.")
 @click.argument("adapter", metavar="ADAPTER")
+@_opt("--tensor-parallel", "tensor_parallel", type=click.IntRange(min=1), default=1, metavar="N",
+      help="The engines' tensor-parallel degree (LoRAX and TGI pad ranks by it) [default 1].")
+@_opt("--engine-version", "engine_version", metavar="V",
+      help="The engine version whose rules apply (vLLM 0.32 and later honour rank/alpha patterns) [default: installed, else the oldest rules].")
 @_output_options()
-def inspect_adapter(adapter, as_json, quiet, debug) -> None:
+def inspect_adapter(adapter, tensor_parallel, engine_version, as_json, quiet, debug) -> None:
     """Describe ADAPTER (base model, ranks, scaling, target modules, layers, size, variants such as rsLoRA) and
-    check whether the serving engines vLLM, LoRAX, TGI and peft would load it as is."""
+    check whether the serving engines (vLLM, SGLang, LoRAX, TGI, TensorRT-LLM, llama.cpp) and peft would serve it
+    as peft does, with the flags to pass."""
     from .reader import SAFETENSORS_NAME
     from .serving import ENGINES, layer_index, loads, module_type, serving_findings
 
@@ -611,7 +633,7 @@ def inspect_adapter(adapter, as_json, quiet, debug) -> None:
     kinds: dict[str, int] = {}
     for module in source.modules.values():
         kinds[module.kind] = kinds.get(module.kind, 0) + 1
-    findings = serving_findings(source)
+    findings = serving_findings(source, tensor_parallel, engine_version, where=adapter, files=files)
     document = {
         "name": source.name,
         "path": adapter,
@@ -653,8 +675,8 @@ def inspect_adapter(adapter, as_json, quiet, debug) -> None:
     ]
     for engine in ENGINES:
         verdict = d["serving"][engine]
-        lines.append(f"  {engine:<6} {'loads as is' if verdict['loads'] else 'does NOT load as is'}")
-        lines += [f"         {f['level']}: {f['message']}" for f in verdict["findings"]]
+        lines.append(f"  {engine:<8} {'loads as is' if verdict['loads'] else 'does NOT load as is'}")
+        lines += [f"           {f['level']}: {f['message']}" for f in verdict["findings"]]
     click.echo("\n".join(lines))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from math import prod
 
@@ -14,6 +15,11 @@ FACTOR_KEYS = {
     "embedding": ("lora_embedding_A", "lora_embedding_B"),
 }
 KEY_PREFIX = "base_model.model."
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """peft's LoRA scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (use_rslora)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 @dataclass(frozen=True)

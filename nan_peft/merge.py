@@ -19,6 +19,7 @@ from .lora import LoraAdapter
 from .norms import UpdateGram, update_gram
 from .reader import read_adapters
 from .rules import rule_options
+from .serving import ServingPlan, Target, plan_for
 from .writer import write_adapter
 
 AdapterLike = str | os.PathLike | LoraAdapter
@@ -88,13 +89,24 @@ class MergeResult:
             "adapter; heads='per_task' (--heads per-task) writes one complete adapter per task beside it"
         ]
 
+    def adapter_for(self, heads: str = "drop") -> LoraAdapter:
+        """The adapter save_pretrained writes at the top of its folder for `heads` (see there): the merged LoRA,
+        with the saved modules all sources share when heads is "keep"."""
+        if heads not in HEADS:
+            raise NanPeftError(f"unknown heads {heads!r}; choose from {', '.join(HEADS)}")
+        if heads != "keep":
+            return self.adapter
+        if self.heads:
+            raise NanPeftError(f"{', '.join(self.heads)} carry their own full modules (heads); save them with heads='per_task' (--heads per-task)")
+        return replace(self.adapter, saved=self.shared_saved)
+
     def save_pretrained(
         self,
         path: str | os.PathLike,
         overwrite: bool = False,
         extra_files: Mapping[str, str | bytes] | None = None,
         heads: str = "drop",
-        serve: str | None = None,
+        serve: str | Target | ServingPlan | None = None,
     ) -> Path:
         """Write the merged adapter (peft format, servable form) to `path`, atomically; never over an input.
 
@@ -104,24 +116,16 @@ class MergeResult:
         saved modules and that source's own head, loadable with PeftModel.from_pretrained(model, path,
         subfolder=name) into a model with that task's label count (each holds a copy of the merged factors);
         "keep" writes the saved modules into the merged adapter itself, when all sources share them identically.
-        serve ("vllm", "lorax", "tgi", "peft") fits the adapter to that engine (serving.plan_for: the rank
-        padded with zeros to one the engine takes, tensors it refuses left out) and refuses, writing nothing,
-        when the engine still could not serve it.
+        serve (an engine of serving.ENGINES, a serving.Target with its tensor-parallel degree and version, or a
+        plan already made by serving.plan_for) fits the adapter to that engine (the rank padded with zeros to
+        one the engine serves as peft does, tensors it refuses left out) and refuses, writing nothing, when
+        the engine still could not serve it.
         """
-        if heads not in HEADS:
-            raise NanPeftError(f"unknown heads {heads!r}; choose from {', '.join(HEADS)}")
-        adapter, subfolders = self.adapter, {}
-        if heads == "keep":
-            if self.heads:
-                raise NanPeftError(f"{', '.join(self.heads)} carry their own full modules (heads); save them with heads='per_task' (--heads per-task)")
-            adapter = replace(adapter, saved=self.shared_saved)
-        elif heads == "per_task":
-            subfolders = self.task_adapters()
+        adapter = self.adapter_for(heads)
+        subfolders = self.task_adapters() if heads == "per_task" else {}
         rank = None
         if serve is not None:
-            from .serving import plan_for
-
-            plan = plan_for(adapter, serve)
+            plan = serve if isinstance(serve, ServingPlan) else plan_for(adapter, serve, where=str(path))
             plan.raise_for_errors()
             adapter, rank = plan.adapter, plan.rank
         for notice in self.notices(heads):

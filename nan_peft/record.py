@@ -17,6 +17,7 @@ from pathlib import Path
 from . import hub
 from .merge import MergeResult
 from .reader import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from .serving import PROFILES, loads, written_findings
 
 RECORD_NAME = "merge_record.json"
 CARD_NAME = "README.md"
@@ -218,7 +219,7 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
         "```",
         "",
         f"The adapter has one rank ({record['rank']}) and its scales baked into the factors (lora_alpha = r), "
-        + _serving_sentence(result, record["rank"]),
+        + _serving_sentence(result, record),
         "",
         *_reproduce(record),
     ]
@@ -323,15 +324,14 @@ def _reproduce(record: Mapping) -> list[str]:
     ]
 
 
-def _serving_sentence(result: MergeResult, rank: int) -> str:
-    """Which engines that hot-swap adapters load the merged adapter (written at `rank`) as is."""
-    from .serving import loads, written_findings
-
-    names = {"vllm": "vLLM", "lorax": "LoRAX", "tgi": "TGI"}
-    findings = written_findings(result.adapter, rank)
-    refused = [label for engine, label in names.items() if not loads(findings[engine])]
+def _serving_sentence(result: MergeResult, record: Mapping) -> str:
+    """Which serving engines serve the merged adapter (written at the record's rank, for its tensor-parallel
+    degree) as peft does."""
+    findings = written_findings(result.adapter, record["rank"], record["options"].get("tensor_parallel") or 1)
+    labels = {name: profile.label for name, profile in PROFILES.items() if name != "peft"}
+    refused = [label for engine, label in labels.items() if not loads(findings[engine])]
     if not refused:
-        return "so serving engines that hot-swap adapters (vLLM, LoRAX, TGI) load it as is; `nan-peft inspect` checks this."
-    loaded = [label for label in names.values() if label not in refused]
+        return f"so the serving engines ({', '.join(labels.values())}) serve it as peft does; `nan-peft inspect` checks this and prints their flags."
+    loaded = [label for label in labels.values() if label not in refused]
     return (f"but {', '.join(refused)} would not serve it as peft does (`nan-peft inspect` says why)"
-            + (f"; {', '.join(loaded)} load{'s' if len(loaded) == 1 else ''} it as is." if loaded else "."))
+            + (f"; {', '.join(loaded)} serve{'s' if len(loaded) == 1 else ''} it as is." if loaded else "."))

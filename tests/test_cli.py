@@ -107,7 +107,7 @@ def test_merge_cat_writes_what_the_library_writes(here, tmp_path):
 def test_merge_svd_json_is_documented_and_exact(here, tmp_path):
     result = ok("merge", *NAMES, "-o", "out-svd", "--combine", "svd", "--rank", "4", "--exponent", "2", "--json")
     document = json.loads(result.stdout)
-    assert set(document) == {"output", "files", "rank", "method", "rule", "combine", "dtype", "device", "coefficients", "adapters", "modules", "heads", "serve", "fold_into"}
+    assert set(document) == {"output", "files", "rank", "method", "rule", "combine", "dtype", "device", "coefficients", "adapters", "modules", "heads", "serve", "tensor_parallel", "engine_version", "fold_into"}
     assert document["heads"] == {"mode": "drop", "shared": [], "tasks": {}}
     assert document["output"] == "out-svd" and document["files"] == WRITTEN
     assert (document["rank"], document["combine"], document["method"], document["dtype"], document["device"]) == (4, "svd", "task_arithmetic", "float32", "cpu")
@@ -473,7 +473,7 @@ def test_inspect_flags_what_engines_get_wrong(llama_adapters):
     assert not document["serving"]["lorax"]["loads"] and document["serving"]["vllm"]["loads"]
 
     text = ok("inspect", patterns).stdout
-    assert "vllm   does NOT load as is" in text and "peft   loads as is" in text and "rank_pattern" in text
+    assert "vllm     does NOT load as is" in text and "peft     loads as is" in text and "rank_pattern" in text
 
 
 def linear(rank, scale=1.0, out=8, n=8, kind="linear"):
@@ -481,7 +481,7 @@ def linear(rank, scale=1.0, out=8, n=8, kind="linear"):
 
 
 def adapter(modules, **config):
-    config = {"r": 4, "lora_alpha": 4, "base_model_name_or_path": "base", **config}
+    config = {"r": 8, "lora_alpha": 8, "base_model_name_or_path": "base", **config}
     return LoraAdapter("a", "a", config, modules)
 
 
@@ -490,15 +490,16 @@ def levels(findings, engine, level):
 
 
 def test_serving_refusals_follow_the_engines_rules():
-    plain = {f"model.layers.{i}.self_attn.{t}": linear(4) for i in range(2) for t in ("q_proj", "v_proj")}
+    plain = {f"model.layers.{i}.self_attn.{t}": linear(8) for i in range(2) for t in ("q_proj", "v_proj")}
     findings = serving_findings(adapter(plain))
     assert all(loads(findings[e]) for e in ENGINES)
-    assert levels(findings, "vllm", "info") == ["rank 4: start vLLM with --max-lora-rank 8 or more"]
+    assert levels(findings, "vllm", "info") == ["rank 8: start vLLM with --max-lora-rank 8 or more"]
 
+    every_engine = tuple(e for e in ENGINES if e != "peft")
     for config, refused_by in [
-        ({"use_dora": True}, ("vllm", "lorax", "tgi")),
-        ({"modules_to_save": ["lm_head"]}, ("vllm", "lorax", "tgi")),
-        ({"bias": "all"}, ("vllm", "lorax", "tgi")),
+        ({"use_dora": True}, every_engine),
+        ({"modules_to_save": ["lm_head"]}, every_engine),
+        ({"bias": "all"}, every_engine),
     ]:
         findings = serving_findings(adapter(plain, **config))
         assert {e for e in ENGINES if not loads(findings[e])} == set(refused_by), config
@@ -518,7 +519,7 @@ def test_serving_refusals_follow_the_engines_rules():
     partial = serving_findings(adapter({**plain, "model.layers.1.mlp.up_proj": linear(4)}))
     assert any("(model.layers.*.mlp.up_proj cover fewer layers" in m for m in levels(partial, "tgi", "error"))
     assert loads(partial["vllm"])
-    unlayered = serving_findings(adapter({**plain, "model.embed_tokens": linear(4, kind="embedding")}))
+    unlayered = serving_findings(adapter({**plain, "model.embed_tokens": linear(8, kind="embedding")}))
     assert loads(unlayered["lorax"]) and loads(unlayered["tgi"])  # a module outside the layers is not partial
     assert any("would get the wrong scale" in m for m in levels(findings, "vllm", "error"))
 

@@ -14,7 +14,7 @@ from nan_peft.serving import engine_rank, loads, plan_for, serving_findings
 
 
 @pytest.mark.parametrize("engine,rank,expected", [("vllm", 14, 16), ("vllm", 8, 8), ("vllm", 300, 320), ("lorax", 4, 16),
-                                                   ("tgi", 20, 20), ("peft", 3, 3)])
+                                                   ("tgi", 20, 32), ("peft", 3, 3)])
 def test_engine_rank(engine, rank, expected):
     assert engine_rank(engine, rank) == expected
 
