@@ -73,8 +73,9 @@ from .rules import RULES
 from .serving import ENGINES
 
 MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
-RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", "tensor_parallel", "engine_version", "fold_into", "device_map", "max_memory", *MERGE_OPTIONS)
+RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", "tensor_parallel", "engine_version", "format", "base", "fold_into", "device_map", "max_memory", *MERGE_OPTIONS)
 HEADS = ("drop", "per-task", "keep")
+FORMATS = ("peft", "gguf")
 DTYPES = ("float32", "float16", "bfloat16")
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
 UNRECORDED_FLAGS = ("--force", "--quiet", "-q", "--debug", "--json")
@@ -249,6 +250,11 @@ def cli() -> None:
       help="The engine's tensor-parallel degree, with --serve (LoRAX and TGI pad ranks by it) [default 1].")
 @_opt("--engine-version", "engine_version", metavar="V", section="Input and output",
       help="The engine version to fit, with --serve (vLLM 0.32 and later honour rank/alpha patterns) [default: installed, else the oldest rules].")
+@_opt("--format", "file_format", type=click.Choice(FORMATS), section="Input and output",
+      help="peft: adapter_config.json + adapter_model.safetensors [default]; gguf: adapter_model.gguf for llama.cpp "
+      "and Ollama (implies --serve llamacpp; needs --base; pip install 'nan-peft[gguf]').")
+@_opt("--base", metavar="BASE", section="Input and output",
+      help="The base model's folder (its config.json) for --format gguf [default: base_model_name_or_path, when a local folder].")
 @_opt("--heads", type=click.Choice(HEADS), section="Input and output",
       help="Full modules the adapters carry (modules_to_save, e.g. task heads): drop them [default], write "
       "OUTPUT/<task>/ with each task's own head beside the merge (per-task), or keep them when all adapters share them.")
@@ -297,6 +303,16 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     heads = given.pop("heads", None) or recipe_data.get("heads") or "drop"
     serve = given.pop("serve", None) or recipe_data.get("serve")
     deployment = {key: given.pop(key, None) or recipe_data.get(key) for key in ("tensor_parallel", "engine_version")}
+    file_format = given.pop("file_format", None) or recipe_data.get("format") or "peft"
+    gguf_base = given.pop("base", None) or recipe_data.get("base")
+    if file_format not in FORMATS:
+        raise NanPeftError(f"{recipe}: format must be one of {', '.join(FORMATS)}, not {file_format!r}")
+    if file_format == "gguf":
+        if serve not in (None, "llamacpp") or heads == "per-task":
+            raise click.UsageError("--format gguf writes one llama.cpp adapter: --serve llamacpp (implied) and no --heads per-task", ctx)
+        serve = "llamacpp"
+    elif gguf_base is not None:
+        raise click.UsageError("--base goes with --format gguf (--fold-into takes the base model to fold into)", ctx)
     fold = {key: given.pop(key, None) or recipe_data.get(key) for key in ("fold_into", "device_map", "max_memory")}
     if fold["fold_into"] is None and (fold["device_map"] or fold["max_memory"]):
         raise click.UsageError("--device-map and --max-memory go with --fold-into", ctx)
@@ -331,11 +347,14 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     check_output(output, force, "--force")
 
     sources = _read(paths, quiet, bool(options.get("allow_different_bases")), bool(options.get("allow_duplicates")))
+    base_config = _gguf_base_config(gguf_base or sources[0].base_model) if file_format == "gguf" else None
     with _stage("norms, coefficients, merge", quiet):
         result = merge_adapters(sources, device=device, **options)
     inputs = [input_entry(path, source.source, source.name) for path, source in zip(paths, sources)]
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in UNRECORDED_FLAGS]
     deployed = {"tensor_parallel": target.tensor_parallel, "engine_version": target.version} if target else {}
+    if file_format == "gguf":
+        deployed.update(format="gguf", base=gguf_base or result.adapter.base_model)
     record = merge_record(result, inputs, command, {"device": str(device), "heads": heads, "serve": serve, **deployed}, recipe=recipe_data or None)
     plan = None
     if target is not None:
@@ -371,9 +390,28 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         _note(f"note: {notice}", quiet)
     with _stage(f"writing {output}", quiet), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes above said it
-        written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"), serve=plan)
+        if file_format == "gguf":
+            from .gguf_lora import write_gguf_lora
+
+            protected = [source.source for source in result.sources if source.source]
+            write_gguf_lora(plan.adapter, base_config, output, rank=plan.rank, overwrite=force, extra_files=files, protected=protected)
+            written = Path(output)
+        else:
+            written = result.save_pretrained(output, overwrite=force, extra_files=files, heads=heads.replace("-", "_"), serve=plan)
 
     _report_merge(result, record, output, written, as_json)
+
+
+def _gguf_base_config(base: str | None) -> dict:
+    """The base model's config.json for --format gguf, read before the merge: --base, else the adapters' recorded
+    base model when it is a local folder (nothing is downloaded)."""
+    from .gguf_lora import gguf_architecture, read_base_config
+
+    if not base or not Path(base, "config.json").is_file():
+        raise NanPeftError(f"--format gguf needs the base model's config.json: pass --base BASE (its folder){f'; {base} is not one' if base else ''}")
+    config = read_base_config(base)
+    gguf_architecture(config)
+    return config
 
 
 def _report_merge(result, record: dict, output: str, written, as_json: bool) -> None:
@@ -503,7 +541,7 @@ _RECIPE_TYPES = {  # key: (accepted types, what to say)
     **dict.fromkeys(("rank", "seed", "tensor_parallel"), ((int,), "an integer")),
     **dict.fromkeys(("density", "scale", "exponent", "total"), ((int, float), "a number")),
     **dict.fromkeys(("output", "method", "combine", "coefficients", "granularity", "device", "dtype", "heads", "serve",
-                     "engine_version", "fold_into", "max_memory"), ((str,), "a string")),
+                     "engine_version", "format", "base", "fold_into", "max_memory"), ((str,), "a string")),
     "weights": ((str, list), "a list of numbers"),
     "device_map": ((str, dict), "a device map (auto, balanced, ... or a mapping)"),
     "adapters": ((list,), "a list"),

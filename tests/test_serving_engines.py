@@ -206,3 +206,29 @@ def test_served_output_records_the_deployment(llama_adapters, tmp_path):
     assert (document["tensor_parallel"], record["options"]["tensor_parallel"], record["options"]["serve"]) == (4, 4, "tgi")
     card = (out / "README.md").read_text()
     assert "vLLM, SGLang, LoRAX, TGI, TensorRT-LLM, llama.cpp" in card
+
+
+def test_cli_writes_gguf_for_llama_cpp(llama_adapters, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    base = tmp_path / "base"
+    BASES[LLAMA]().save_pretrained(base)
+    paths = [str(p) for p in llama_adapters[:2]]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["merge", *paths, "-o", str(out), "--format", "gguf", "--base", str(base), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_model.gguf", "merge_record.json"]
+    record = json.loads((out / "merge_record.json").read_text())
+    assert (record["options"]["serve"], record["options"]["format"], record["options"]["base"]) == ("llamacpp", "gguf", str(base))
+    reader = gguf.GGUFReader(out / "adapter_model.gguf")
+    merged = merge_adapters(llama_adapters[:2])
+    assert len(reader.tensors) == 2 * len(merged.adapter.modules)
+    assert float(reader.fields["adapter.lora.alpha"].parts[-1][0]) == record["rank"]
+
+    for args, code, message in [
+        (["--format", "gguf"], 1, "--format gguf needs the base model's config.json: pass --base BASE (its folder); tiny-llama is not one"),
+        (["--format", "gguf", "--base", str(base), "--serve", "vllm"], 2, "--format gguf writes one llama.cpp adapter"),
+        (["--base", str(base)], 2, "--base goes with --format gguf"),
+    ]:
+        refused = CliRunner().invoke(cli, ["merge", *paths, "-o", str(tmp_path / "x"), *args])
+        assert refused.exit_code == code and message in refused.stderr, (args, refused.stderr)
+        assert not (tmp_path / "x").exists()
