@@ -100,29 +100,39 @@ def add_weighted_adapter(
     - Different ranks: peft refuses linear, ties, dare_* and magnitude_prune for adapters of different ranks (r
       or rank_pattern), and fails on per-module ranks that differ; here every type merges any ranks.
     - An existing adapter_name: peft returns without doing anything, here NanPeftError.
+    - Full modules the adapters save (modules_to_save, e.g. a task head): peft refuses two adapters that save
+      the same module; here they are not merged into the new adapter, and a warning says so.
     - Arguments of peft's dense SVD: svd_full_matrices and svd_driver choose how torch computes it and are not
       needed (nan-peft's truncation needs no dense SVD); svd_clamp clamps the factors' entries at a quantile,
       which changes the update, so it is refused unless None. Like peft, svd_rank is not used by cat and linear,
       density by cat, linear and svd, and majority_sign_method outside ties and dare_ties.
     """
     if not isinstance(model, PeftModel):
-        raise NanPeftError(f"add_weighted_adapter takes the PeftModel (got a {type(model).__name__}): pass the model peft's get_peft_model or PeftModel.from_pretrained returned")
+        raise NanPeftError(
+            f"add_weighted_adapter takes the PeftModel (got a {type(model).__name__}): pass the model that peft's "
+            "get_peft_model or PeftModel.from_pretrained returned"
+        )
     if combination_type not in COMBINATION_TYPES:
         raise NanPeftError(f"unknown combination_type {combination_type!r}; choose from {', '.join(COMBINATION_TYPES)}")
     if svd_clamp is not None:
-        raise NanPeftError("svd_clamp clamps the merged factors' entries, which changes the merged update; nan-peft keeps the exact truncation: leave svd_clamp None")
+        raise NanPeftError(
+            "svd_clamp clamps the merged factors' entries, which changes the merged update; nan-peft keeps the exact "
+            "truncation: leave svd_clamp None"
+        )
     if majority_sign_method not in SIGN_METHODS:
         raise NanPeftError(f"unknown majority_sign_method {majority_sign_method!r}; choose from {', '.join(SIGN_METHODS)}")
     for key, argument in SET_BY_PEFT_ARGUMENTS.items():
         if key in options:
             raise NanPeftError(f"{key} is set by peft's argument {argument} here; drop {key}=")
     adapters = list(adapters)
-    # peft/tuners/lora/model.py _check_add_weighted_adapter: "if there is only one adapter, we can only use linear merging"
+    # peft/tuners/lora/model.py _check_add_weighted_adapter: "if there is only one adapter, we can only use linear
+    # merging"
     rule, combine = COMBINATION_TYPES[combination_type] if len(adapters) > 1 else ("task_arithmetic", "cat")
     rank = None
     if combine == "svd":
         # peft/tuners/lora/model.py _check_add_weighted_adapter: new_rank = svd_rank or max(adapters_ranks)
-        rank = svd_rank or max((_largest_rank(model.peft_config[name]) for name in adapters if name in model.peft_config), default=None)
+        ranks = [_largest_rank(model.peft_config[name]) for name in adapters if name in model.peft_config]
+        rank = svd_rank or max(ranks, default=None)
     if rule in DENSITY_RULES:
         options["density"] = density
     if rule in SIGN_RULES:

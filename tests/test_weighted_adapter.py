@@ -15,7 +15,7 @@ from peft.tuners.lora import LoraModel
 from peft.utils import merge_utils
 
 import nan_peft
-from models import input_ids, tiny_llama
+from models import input_ids, tiny_gpt2, tiny_llama
 from nan_peft import NanPeftError
 from nan_peft.rules import RULES, module_generator
 from oracle import lora_layers
@@ -26,13 +26,13 @@ NAMES = ["a", "b", "c"]
 SAME_RANKS = {"a": dict(r=4, lora_alpha=8), "b": dict(r=4, lora_alpha=4), "c": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj"])}
 
 
-def build(specs, seed=0):
-    """A tiny Llama with one peft adapter per spec, random non-zero factors (lora_B too)."""
+def build(specs, seed=0, base=tiny_llama):
+    """A tiny Llama (or `base`) with one peft adapter per spec, random non-zero factors (lora_B too)."""
     model = None
     for name, spec in specs.items():
         spec = {"target_modules": ["q_proj", "v_proj"], **spec}
         if model is None:
-            model = get_peft_model(tiny_llama(), LoraConfig(**spec), adapter_name=name)
+            model = get_peft_model(base(), LoraConfig(**spec), adapter_name=name)
         else:
             model.add_adapter(name, LoraConfig(**spec))
     generator = torch.Generator().manual_seed(seed)
@@ -56,7 +56,11 @@ def same_modules():
 def deltas(model, name):
     """{module path: the adapter's update as peft computes it (get_delta_weight), float64}."""
     with torch.no_grad():
-        return {p: layer.get_delta_weight(name).double() for p, layer in lora_layers(model).items() if name in layer.lora_A}
+        return {
+            path: layer.get_delta_weight(name).double()
+            for path, layer in lora_layers(model).items()
+            if name in layer.lora_A or name in layer.lora_embedding_A
+        }
 
 
 def logits(model, name):
@@ -136,6 +140,18 @@ def test_equals_peft_where_peft_is_right(same_ranks, same_modules, combination_t
     (ties with weights 1, where the two TIES conventions agree; frequency with three votes at every entry,
     where no vote is tied)."""
     model = same_modules if kwargs.get("majority_sign_method") == "frequency" else same_ranks
+    ours, theirs = both(model, weights, combination_type, **kwargs)
+    assert_same_adapter(ours, theirs)
+
+
+@pytest.mark.parametrize("combination_type, weights, kwargs", [("svd", [0.7, -0.3], {}), ("ties_svd", [1.0, 1.0], dict(density=0.5))])
+def test_equals_peft_on_conv1d_and_embedding_layers(combination_type, weights, kwargs):
+    """GPT-2: Conv1D layers (fan_in_fan_out, peft's update transposed) and an embedding LoRA."""
+    model = build(
+        {"a": dict(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], fan_in_fan_out=True),
+         "b": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)},
+        base=tiny_gpt2,
+    )
     ours, theirs = both(model, weights, combination_type, **kwargs)
     assert_same_adapter(ours, theirs)
 

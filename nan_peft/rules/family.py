@@ -70,10 +70,11 @@ def merge_family(
     Without consensus: sum_k c_k dW'_k. With consensus (TIES): entries whose weighted sign disagrees with
     the sign elected by `sign_method` (elect_sign: "total" or "frequency"), or that were sparsified away,
     are left out; with `normalize` the rest is averaged with weights |c_k| (sum_k c_k dW'_k [agree] /
-    sum_k |c_k| [agree], TIES's disjoint mean with the coefficients plugged in), else summed. Each entry is then a convex combination of the agreeing
-    sign(c_k) dW'_k: a negative coefficient keeps its negation (one adapter with c = -1 gives -dW') and
-    mixed-sign coefficients never inflate the result (a signed divisor c_1 + c_2 could be near 0). For
-    positive coefficients |c_k| = c_k.
+    sum_k |c_k| [agree], TIES's disjoint mean with the coefficients plugged in), else summed. Each entry is
+    then a convex combination of the agreeing sign(c_k) dW'_k: a negative coefficient keeps its negation (one
+    adapter with c = -1 gives -dW') and mixed-sign coefficients never inflate the result (a signed divisor
+    c_1 + c_2 could be near 0). For positive coefficients |c_k| = c_k. peft's disjoint_merge divides by the
+    number of agreeing adapters instead: the same for coefficients all 1, scaled by them otherwise.
     """
     if not 0 < density <= 1:
         raise NanPeftError(f"density must be in (0, 1], got {density}")
