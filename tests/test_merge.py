@@ -306,13 +306,17 @@ def test_extreme_exponents_give_the_limit_not_nan(exponent):
 
 
 def test_model_card_says_which_engines_serve_it(llama_adapters):
-    """The card's serving sentence comes from the same findings as `nan-peft inspect`: an adapter restricted to
-    some layers (layers_to_transform) is one LoRAX and TGI would serve differently from peft."""
+    """The card's serving sentence comes from the same findings as `nan-peft inspect`, for the rank written: an
+    adapter restricted to some layers (layers_to_transform) is one LoRAX and TGI would serve differently from
+    peft, and so is a rank their kernels pad (4 -> 8) unless written for them (16)."""
     from nan_peft.record import input_entry, merge_record, model_card
 
-    cases = [(llama_adapters[:1], "(vLLM, LoRAX, TGI) load it as is"),
-             ([llama_adapters[0], llama_adapters[3]], "but LoRAX, TGI would not serve it as peft does (`nan-peft inspect` says why); vLLM loads it as is.")]
-    for adapters, says in cases:
+    cases = [(llama_adapters[:1], 16, "(vLLM, SGLang, LoRAX, TGI, TensorRT-LLM, llama.cpp) serve it as peft does"),
+             (llama_adapters[:1], None, "but LoRAX, TGI would not serve it as peft does"),
+             ([llama_adapters[0], llama_adapters[3]], 16, "but LoRAX, TGI would not serve it as peft does (`nan-peft inspect` says why); "
+                                                          "vLLM, SGLang, TensorRT-LLM, llama.cpp serve it as is.")]
+    for adapters, rank, says in cases:
         result = merge_adapters(adapters)
         record = merge_record(result, [input_entry(str(a), a, a.name) for a in adapters], ["nan-peft", "merge"], {})
+        record["rank"] = rank or record["rank"]  # as the CLI records a rank padded by --serve
         assert says in model_card(result, record, "out")
