@@ -289,32 +289,41 @@ def ties_by_nan_peft_convention(trimmed, weights, frequency=False):
     return (weighted * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
 
 
-def trimmed_deltas(K=4, density=0.5, seed=0):
-    deltas = torch.randn(K, 12, 10, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return deltas, torch.stack([merge_utils.prune(d, density, "magnitude") for d in deltas])
+def sparsified(rule, monkeypatch, K=4, density=0.5):
+    """(deltas, the generator nan-peft's rule draws DARE's drops from, the deltas as both rules sparsify them);
+    peft's random_pruning is given nan-peft's drops."""
+    deltas = torch.randn(K, 12, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if rule == "ties":
+        return deltas, None, torch.stack([merge_utils.prune(d, density, "magnitude") for d in deltas])
+    keep = torch.rand(deltas.shape, generator=module_generator(0, "x"), dtype=torch.float64) < density
+    queue = list(keep)
+    monkeypatch.setattr(merge_utils, "random_pruning", lambda tensor, density, rescale: tensor * queue.pop(0) / density)
+    return deltas, module_generator(0, "x"), deltas * keep / density
 
 
+@pytest.mark.parametrize("rule", ["ties", "dare_ties"])
 @pytest.mark.parametrize("method", ["total", "frequency"])
-def test_ties_rule_against_peft_merge_utils(method):
-    """With weights 1 (the TIES paper's disjoint mean) nan-peft's ties is peft's, for both sign elections, but
-    for frequency's tied votes (two adapters for, two against), which nan-peft gives to the mass and peft to +1.
-    With other weights each follows its own convention (see nan_peft.weighted_adapter), and they differ."""
-    deltas, trimmed = trimmed_deltas()
-    ones = torch.ones(4, dtype=torch.float64)
-    ours = RULES["ties"](deltas, ones, None, density=0.5, majority_sign_method=method)
-    peft = merge_utils.ties(list(deltas), ones, 0.5, method)
-    tied = (trimmed.sign().sum(0) == 0) & (trimmed != 0).any(0) & (method == "frequency")
-    assert method == "total" or tied.any()
-    torch.testing.assert_close(ours[~tied], peft[~tied], rtol=1e-12, atol=0)
-    torch.testing.assert_close(ours, ties_by_nan_peft_convention(trimmed, ones, method == "frequency"), rtol=1e-12, atol=0)
-
-    weights = torch.tensor([2.0, 1.0, 0.5, -1.0], dtype=torch.float64)
-    ours = RULES["ties"](deltas, weights, None, density=0.5, majority_sign_method=method)
-    peft = merge_utils.ties(list(deltas), weights, 0.5, method)
-    torch.testing.assert_close(ours, ties_by_nan_peft_convention(trimmed, weights, method == "frequency"), rtol=1e-12, atol=0)
-    if method == "total":
-        torch.testing.assert_close(peft, ties_by_peft_convention(trimmed, weights), rtol=1e-12, atol=0)
-    assert (ours - peft).abs().max() > 0.1
+def test_ties_rules_against_peft_merge_utils(monkeypatch, rule, method):
+    """With weights 1 (the TIES paper's disjoint mean) nan-peft's ties and dare_ties are peft's merge_utils', for
+    both sign elections, but for frequency's tied votes (as many adapters for as against), which nan-peft gives
+    to the mass and peft to +1. With other weights each follows its own convention (see
+    nan_peft.weighted_adapter), and they differ."""
+    peft_rule = getattr(merge_utils, rule)
+    frequency = method == "frequency"
+    for weights in ([1.0] * 4, [2.0, 1.0, 0.5, -1.0]):
+        weights = torch.tensor(weights, dtype=torch.float64)
+        deltas, generator, sparse = sparsified(rule, monkeypatch)
+        ours = RULES[rule](deltas, weights, generator, density=0.5, majority_sign_method=method)
+        peft = peft_rule(list(deltas), weights, 0.5, method)
+        torch.testing.assert_close(ours, ties_by_nan_peft_convention(sparse, weights, frequency), rtol=1e-12, atol=0)
+        if weights.eq(1).all():
+            tied = (sparse.sign().sum(0) == 0) & (sparse != 0).any(0) & frequency
+            assert tied.any() or not frequency
+            torch.testing.assert_close(ours[~tied], peft[~tied], rtol=1e-12, atol=0)
+        else:
+            if not frequency:
+                torch.testing.assert_close(peft, ties_by_peft_convention(sparse, weights), rtol=1e-12, atol=0)
+            assert (ours - peft).abs().max() > 0.1
 
 
 def test_ties_weights_scale_peft_s_merge_not_nan_peft_s(same_ranks):
