@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import NanPeftError
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_peft
+from .targeting import TASK_HEADS, ConfigProblem, check_fields, pattern_key, targeted_container, why_not_loaded
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -33,7 +34,7 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 # The heads peft's task model classes add to modules_to_save whatever the config lists
 # (PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering).
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_TASK_HEADS = TASK_HEADS
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
 _CARRIED_SUFFIX = ".base_layer.weight"  # a targeted embedding's full weight, saved by peft's save_embedding_layers
@@ -258,9 +259,11 @@ def check_config(config: dict, label: str) -> None:
             f"{label}: init_lora_weights={_short(init)} trains against a modified base model; save it with peft's "
             "path_initial_model_for_weight_conversion to get a plain LoRA update first"
         )
-    for key in ("r", "lora_alpha"):
-        if not _positive_number(config.get(key)):
-            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a positive number")
+    # peft tuners/lora/layer.py update_layer: r sizes the factors (an int, `r <= 0` raises); alpha only scales
+    if not _positive_int(config.get("r")):
+        raise NanPeftError(f"{label}: {CONFIG_NAME} has r={_short(config.get('r'))}; expected a positive integer")
+    if not _positive_number(config.get("lora_alpha")):
+        raise NanPeftError(f"{label}: {CONFIG_NAME} has lora_alpha={_short(config.get('lora_alpha'))}; expected a positive number")
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), (bool, type(None))):
             raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected true or false")
@@ -268,22 +271,32 @@ def check_config(config: dict, label: str) -> None:
         if not isinstance(config.get(key), (str, type(None))):
             raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a string")
     saved = config.get("modules_to_save")
+    # a list (peft tuners/lora/config.py); peft iterates a string's characters as names (peft_model.py, utils/other.py)
     if saved and not (isinstance(saved, list) and all(isinstance(n, str) and _MODULE_NAME.fullmatch(n) for n in saved)):
-        if not (isinstance(saved, str) and _MODULE_NAME.fullmatch(saved)):
-            raise NanPeftError(f"{label}: {CONFIG_NAME} has modules_to_save ({_listed(saved)}); expected a list of module names")
+        raise NanPeftError(f"{label}: {CONFIG_NAME} has modules_to_save ({_listed(saved)}); expected a list of module names")
     if config.get("task_type") is not None and config["task_type"] not in TASK_TYPES:
         raise NanPeftError(f"{label}: {CONFIG_NAME} has task_type={_short(config['task_type'])}, which peft does not know")
     for key in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(key) or {}
+        # peft tuners/lora/model.py _create_and_replace calls .keys() on both (null or a list crashes it); a rank is r
+        pattern, valid, expected = config.get(key, {}), (_positive_int if key == "rank_pattern" else _positive_number), (
+            "a positive integer" if key == "rank_pattern" else "a positive number")
         if not isinstance(pattern, dict):
             raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(pattern)}; expected an object mapping module patterns to numbers")
-        for pattern_key, value in pattern.items():
-            if not _positive_number(value):
-                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}[{_short(pattern_key)}]={_short(value)}; expected a positive number")
+        for name, value in pattern.items():
+            if not valid(value):
+                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}[{_short(name)}]={_short(value)}; expected {expected}")
             try:
-                re.compile(rf"(.*\.)?({pattern_key})$")
+                re.compile(rf"(.*\.)?({name})$")
             except re.error as error:
-                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key} key {_short(pattern_key)}, not a valid pattern ({error})") from None
+                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key} key {_short(name)}, not a valid pattern ({error})") from None
+    try:
+        check_fields(config)
+    except ConfigProblem as problem:
+        raise NanPeftError(f"{label}: {CONFIG_NAME} has {problem}") from None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _positive_number(value) -> bool:
@@ -350,19 +363,33 @@ def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label:
     return modules
 
 
-def _check_targeted(paths, config: dict, label: str) -> None:
-    """Refuse factors of a module that a list of target_modules does not name: peft wraps only the modules the
-    list names (a path equal to a name or ending in "." + name) and skips other saved factors, so the adapter
-    does nothing there in peft. Regex, "all-linear" and ensure_weight_tying targets need the model; not checked."""
-    targets = config.get("target_modules")
-    if not isinstance(targets, list) or "all-linear" in targets or config.get("ensure_weight_tying"):
+def _check_targeted(factors: dict[str, dict[str, torch.Tensor]], config: dict, label: str) -> None:
+    """Refuse factors of a module peft would not wrap (targeting.why_not_loaded: target_modules, exclude_modules,
+    layers_to_transform / layers_pattern, modules_to_save): peft loads the state dict with strict=False and
+    drops them, so the adapter does nothing there in peft. With ensure_weight_tying, peft retargets the modules
+    the model ties (which needs the model): not checked."""
+    if config.get("ensure_weight_tying"):
         return
-    for path in sorted(paths):
-        if not any(path == name or path.endswith("." + name) for name in targets if isinstance(name, str)):
-            raise NanPeftError(
-                f"{label}: it holds factors for {path}, which target_modules ({_listed(targets)}) does not name; "
-                "peft would not load them"
-            )
+    unloaded = []
+    try:
+        for path in sorted(factors):
+            kind = "embedding" if any(f.startswith("lora_embedding") for f in factors[path]) else "linear"
+            kind = "conv" if kind == "linear" and any(t.dim() > 2 for t in factors[path].values()) else kind
+            reason = why_not_loaded(path, kind, config)
+            if reason is not None:
+                unloaded.append((path, reason))
+            container = targeted_container(path, config)
+            if container is not None:
+                raise NanPeftError(
+                    f"{label}: its target rules also pick {container}, the module holding {path}; peft cannot put "
+                    "LoRA on a module that holds others and refuses the adapter"
+                )
+    except ConfigProblem as problem:
+        raise NanPeftError(f"{label}: {CONFIG_NAME} has {problem}") from None
+    if unloaded:
+        path, reason = unloaded[0]
+        none = "peft would load none of its factors: " if len(unloaded) == len(factors) else ""
+        raise NanPeftError(f"{label}: {none}it holds factors for {path}, which {reason}; peft would not load them")
 
 
 def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict, label: str) -> LoraModule:
@@ -398,14 +425,9 @@ def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict
 
 
 def _pattern_value(config: dict, field: str, path: str, default):
-    """Per-module override, matched exactly as peft does (peft.utils.other.get_pattern_key)."""
+    """Per-module override, matched exactly as peft does (targeting.pattern_key, peft's get_pattern_key)."""
     pattern = config.get(field) or {}
-    if not pattern:
-        return default
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(pattern), path)
-    return pattern.get(key, default)
+    return pattern.get(pattern_key(list(pattern), path), default) if pattern else default
 
 
 def _refuse_duplicates(adapters: Sequence[LoraAdapter]) -> None:
