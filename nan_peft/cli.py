@@ -72,7 +72,7 @@ from .errors import NanPeftError
 from .rules import RULES
 from .serving import ENGINES
 
-MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
+MERGE_OPTIONS = ("method", "density", "scale", "normalize", "seed", "majority_sign_method", "combine", "rank", "coefficients", "weights", "granularity", "exponent", "total", "device", "dtype", "allow_different_bases", "allow_duplicates")
 RECIPE_KEYS = ("adapters", "output", "force", "heads", "serve", "tensor_parallel", "engine_version", "format", "base", "fold_into", "device_map", "max_memory", *MERGE_OPTIONS)
 HEADS = ("drop", "per-task", "keep")
 FORMATS = ("peft", "gguf")
@@ -271,6 +271,8 @@ def cli() -> None:
 @_opt("--scale", type=float, metavar="L", section="Merge rule", help="lambda: multiplies the merged update [default 1].")
 @_opt("--normalize/--no-normalize", default=None, section="Merge rule", help="ties, dare_ties: average the agreeing entries (default) or sum them.")
 @_opt("--seed", type=int, section="Merge rule", help="Seed of the random drops (dare_*) [default 0].")
+@_opt("--majority-sign-method", "majority_sign_method", type=click.Choice(["total", "frequency"]), section="Merge rule",
+      help="ties, dare_ties: elect each entry's sign by mass [total, default] or by vote (frequency), as peft's.")
 @_opt("--combine", type=click.Choice(["cat", "svd"]), section="Combination",
       help="cat: exact, rank = sum of ranks [default for task_arithmetic]; svd: best rank-R approximation.")
 @_opt("--rank", type=click.IntRange(min=1), metavar="R", section="Combination", help="Target rank (svd: required; cat: pad up to R).")
@@ -541,7 +543,7 @@ _RECIPE_TYPES = {  # key: (accepted types, what to say)
     **dict.fromkeys(("rank", "seed", "tensor_parallel"), ((int,), "an integer")),
     **dict.fromkeys(("density", "scale", "exponent", "total"), ((int, float), "a number")),
     **dict.fromkeys(("output", "method", "combine", "coefficients", "granularity", "device", "dtype", "heads", "serve",
-                     "engine_version", "format", "base", "fold_into", "max_memory"), ((str,), "a string")),
+                     "majority_sign_method", "engine_version", "format", "base", "fold_into", "max_memory"), ((str,), "a string")),
     "weights": ((str, list), "a list of numbers"),
     "device_map": ((str, dict), "a device map (auto, balanced, ... or a mapping)"),
     "adapters": ((list,), "a list"),

@@ -574,3 +574,14 @@ def test_installed_entry_point_reports_errors_in_one_line(workdir, tmp_path):
     assert process.returncode == 1 and process.stdout == ""
     assert process.stderr.strip().splitlines() == ["error: missing: no such folder"]  # no traceback
     assert not (tmp_path / "out").exists()
+
+
+def test_majority_sign_method_reaches_the_rule(here, tmp_path):
+    result = ok("merge", *NAMES, "-o", "out-vote", "--method", "ties", "--density", "0.5", "--rank", "8",
+                "--majority-sign-method", "frequency", "--json")
+    assert json.loads(result.stdout)["rule"]["majority_sign_method"] == "frequency"
+    library = merge_adapters(list(NAMES), method="ties", density=0.5, rank=8, majority_sign_method="frequency")
+    library.save_pretrained(tmp_path / "lib")
+    assert folder_bytes(tmp_path / "lib")["adapter_model.safetensors"] == folder_bytes(here / "out-vote")["adapter_model.safetensors"]
+    total = merge_adapters(list(NAMES), method="ties", density=0.5, rank=8)
+    assert not all(torch.equal(a.B, b.B) for a, b in zip(library.adapter.modules.values(), total.adapter.modules.values()))
