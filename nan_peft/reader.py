@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import NanPeftError
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_peft
-from .targeting import TASK_HEADS, ConfigProblem, check_fields, pattern_key, targeted_container, why_not_loaded
+from .targeting import TASK_HEADS, ConfigProblem, check_fields, pattern_key, refusal
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -364,32 +364,19 @@ def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label:
 
 
 def _check_targeted(factors: dict[str, dict[str, torch.Tensor]], config: dict, label: str) -> None:
-    """Refuse factors of a module peft would not wrap (targeting.why_not_loaded: target_modules, exclude_modules,
-    layers_to_transform / layers_pattern, modules_to_save): peft loads the state dict with strict=False and
-    drops them, so the adapter does nothing there in peft. With ensure_weight_tying, peft retargets the modules
-    the model ties (which needs the model): not checked."""
-    if config.get("ensure_weight_tying"):
-        return
-    unloaded = []
+    """Refuse factors peft would not load as saved (targeting.refusal: peft drops the factors of a module it
+    does not wrap, so the adapter does nothing there in peft)."""
+    kinds = {
+        path: "embedding" if {"lora_embedding_A", "lora_embedding_B"} & set(found)
+        else "conv" if any(t.dim() > 2 for t in found.values()) else "linear"
+        for path, found in factors.items()
+    }
     try:
-        for path in sorted(factors):
-            kind = "embedding" if any(f.startswith("lora_embedding") for f in factors[path]) else "linear"
-            kind = "conv" if kind == "linear" and any(t.dim() > 2 for t in factors[path].values()) else kind
-            reason = why_not_loaded(path, kind, config)
-            if reason is not None:
-                unloaded.append((path, reason))
-            container = targeted_container(path, config)
-            if container is not None:
-                raise NanPeftError(
-                    f"{label}: its target rules also pick {container}, the module holding {path}; peft cannot put "
-                    "LoRA on a module that holds others and refuses the adapter"
-                )
+        reason = refusal(kinds, config)
     except ConfigProblem as problem:
         raise NanPeftError(f"{label}: {CONFIG_NAME} has {problem}") from None
-    if unloaded:
-        path, reason = unloaded[0]
-        none = "peft would load none of its factors: " if len(unloaded) == len(factors) else ""
-        raise NanPeftError(f"{label}: {none}it holds factors for {path}, which {reason}; peft would not load them")
+    if reason is not None:
+        raise NanPeftError(f"{label}: {reason}")
 
 
 def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict, label: str) -> LoraModule:

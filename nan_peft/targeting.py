@@ -7,9 +7,12 @@ nothing there. Reading them would merge an update the adapter never makes in pef
 
 The rules are peft's own, applied to the saved module paths alone (no model, no peft import): a saved key
 `base_model.model.<path>.lora_A.weight` is a factor of the base model's module `<path>`, which is the name peft
-matches (it runs its rules over the base model's named_modules(), without "base_model.model."). What needs the
-model is said where it matters: "all-linear" (which layers are Linear, which is the output layer),
-ensure_weight_tying (which modules the model ties), and a null target_modules (peft's per-architecture default).
+matches (it runs its rules over the base model's named_modules(), without "base_model.model."). Some rules need
+the model; they are settled as far as the saved factors tell and said where they apply: "all-linear" (Linear or
+Conv1D layers, told by the factors' shapes; the output layer, told by transformers' names for it),
+ensure_weight_tying (which modules the model ties: not checked), a null target_modules (peft's per-architecture
+default: refused), and modules_to_save naming a module the file does not hold (peft fails on the missing weight
+only where the model has that module: not checked).
 """
 
 from __future__ import annotations
@@ -31,12 +34,34 @@ class ConfigProblem(ValueError):
 
 
 def pattern_key(patterns, path: str) -> str:
-    """The rank_pattern / alpha_pattern key that applies at `path` (the first that matches), or `path` itself.
-    # peft utils/other.py get_pattern_key"""
+    """The rank_pattern / alpha_pattern key that applies at `path` (the first that matches), or `path` itself:
+    peft utils/other.py get_pattern_key."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return path
+
+
+def refusal(kinds: Mapping[str, str], config: Mapping) -> str | None:
+    """Why peft would not load an adapter's saved factors as they are, or None. `kinds` maps each saved module
+    path (without "base_model.model.") to its layer kind ("linear", "conv", "embedding"); the config must pass
+    check_fields. ConfigProblem for a regex peft could not compile."""
+    if config.get("ensure_weight_tying"):
+        return None  # peft retargets the modules the model ties (tuners/lora/model.py _add_targets_to_tie): needs the model
+    unloaded = []
+    for path in sorted(kinds):
+        reason = why_not_loaded(path, kinds[path], config)
+        if reason is not None:
+            unloaded.append((path, reason))
+        container = targeted_container(path, config)
+        if container is not None:
+            return (f"its target rules also pick {container}, the module holding {path}; peft cannot put LoRA on a "
+                    "module that holds others and refuses the adapter")
+    if not unloaded:
+        return None
+    path, reason = unloaded[0]
+    none = "peft would load none of its factors: " if len(unloaded) == len(kinds) else ""
+    return f"{none}it holds factors for {path}, which {reason}; peft would not load them"
 
 
 def check_fields(config: Mapping) -> None:
@@ -91,7 +116,8 @@ def _check_names(config: Mapping, field: str) -> None:
 def why_not_loaded(path: str, kind: str, config: Mapping) -> str | None:
     """None when peft wraps the module `path` (no "base_model.model.") for this config, so that its saved
     factors load; otherwise the rule that leaves it out, as a clause ("target_modules (q_proj) does not name").
-    `kind` is the factors' layer kind: "linear", "conv" or "embedding". The config must pass check_fields;
+    `kind` is the factors' layer kind: "linear", "conv" or "embedding" ("container" for a module that holds
+    others, see targeted_container). The config must pass check_fields;
     ConfigProblem for a regex peft could not compile. Follows peft tuners/tuners_utils.py
     check_target_module_exists, step by step."""
     excluded = config.get("exclude_modules")

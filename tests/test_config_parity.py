@@ -6,8 +6,12 @@ saved factors, and for each one either peft loads every saved factor into a tiny
 nan-peft's one-adapter merge (weight 1) gives peft's get_delta_weight at every module peft adapts, or peft
 fails or drops saved factors and nan-peft refuses in one line. nan-peft is stricter than peft on purpose in a
 few listed cases (STRICTER: a value outside the type peft's LoraConfig declares, which peft happens to tolerate;
-a null target_modules, whose meaning depends on the model's architecture; alpha <= 0); there a refusal must
-name the field. Seeded and bounded: NAN_PEFT_PARITY_EXAMPLES (default 240), NAN_PEFT_PARITY_SEED (default 16).
+a null target_modules, whose meaning depends on the model's architecture; alpha <= 0; variants whose update is
+not s * B @ A, such as DoRA); there a refusal must name the field. One failure of peft's needs the model to
+foresee (needs_the_model: modules_to_save naming a module the model has and the file does not hold); it is
+counted, not asserted. Configs keep init_lora_weights such that a module peft adapts without saved factors
+gets no update (B = 0), as peft's save always holds every adapted module.
+Seeded and bounded: NAN_PEFT_PARITY_EXAMPLES (default 240), NAN_PEFT_PARITY_SEED (default 16).
 """
 
 import copy
@@ -75,6 +79,11 @@ POOLS = {
     "use_rslora": ([False, True, None], ["yes", 1]),
     "fan_in_fan_out": ([False, True, None], ["no"]),
     "ensure_weight_tying": ([False, None], ["yes"]),
+    "use_dora": ([False, None], [True]),
+    "bias": (["none"], ["all", "lora_only"]),
+    "init_lora_weights": ([True, "gaussian"], ["pissa", "olora"]),
+    "peft_type": (["LORA"], ["IA3", "lora", None]),
+    "base_model_name_or_path": (["tiny", None], [["a"], 3]),
 }
 TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
 
@@ -102,6 +111,12 @@ STRICTER = {
     "use_rslora": lambda v: not isinstance(v, (bool, type(None))),
     "fan_in_fan_out": lambda v: not isinstance(v, (bool, type(None))),
     "ensure_weight_tying": lambda v: not isinstance(v, (bool, type(None))),
+    "base_model_name_or_path": lambda v: not isinstance(v, (str, type(None))),
+    # variants whose update is not s * B @ A (or not of the original base): refused whatever peft does
+    "use_dora": bool,
+    "bias": lambda v: v != "none",
+    "init_lora_weights": lambda v: v in ("pissa", "olora"),
+    "peft_type": lambda v: v != "LORA",
 }
 
 
@@ -162,9 +177,8 @@ def draw_factors(config: dict, rng: random.Random, generator: torch.Generator) -
 
 
 def peft_outcome(folder: Path, saved: set[str]):
-    """({module: get_delta_weight as an (out, in) matrix} over every module peft adapts, None) when peft loads
-    every saved factor;
-    (None, why) when it fails or drops saved factors."""
+    """({module: get_delta_weight as an (out, in) matrix} over every module peft adapts, None) when peft
+    loads every saved factor; (None, why) when it fails or drops saved factors."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -232,7 +246,6 @@ def test_nan_peft_reads_adapters_as_peft_loads_them(tmp_path):
                 mine = got.get(path, torch.zeros_like(delta))  # a module peft adapts but the file does not fill: B = 0
                 torch.testing.assert_close(mine, delta, rtol=1e-5, atol=1e-7, msg=lambda m, p=path: f"{what}: {p}: {m}")
             outcomes["same update"] += 1
-        # peft never applies a regex, an exclusion or a layer rule the merge did not: every case is one of the three
     assert outcomes["same update"] > 0.15 * EXAMPLES and outcomes["both refuse"] > 0.3 * EXAMPLES, outcomes
 
 
