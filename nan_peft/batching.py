@@ -149,10 +149,15 @@ def stacked_chunks(
         yield slice(begin, end), piece
 
 
-def _stack(chunk, ranks, n, m, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(chunk, ranks, n, m, device, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacks (A (G, R, n), B (G, m, R)) of the chunk's terms, the weights applied to B; written into
+    out = (A, B) when given (buffers reused across batches)."""
     R = sum(ranks)
-    A = torch.empty((len(chunk), R, n), dtype=dtype, device=device)
-    B = torch.empty((len(chunk), m, R), dtype=dtype, device=device)
+    if out is not None:
+        A, B = out
+    else:
+        A = torch.empty((len(chunk), R, n), dtype=dtype, device=device)
+        B = torch.empty((len(chunk), m, R), dtype=dtype, device=device)
     for g, path_terms in enumerate(chunk):
         offset = 0
         for (_, module, weight), r in zip(path_terms, ranks):

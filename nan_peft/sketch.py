@@ -1,0 +1,120 @@
+"""Randomized truncation of an operator known only by its products (Halko, Martinsson and Tropp 2011; block
+Krylov as Musco and Musco 2015): the best rank-k approximation of M restricted to a range found from M @ Omega for
+a seeded random Omega, never the dense M.
+
+For a LoRA merge M = B @ A with B (m x R) and A (R x n), one product M @ X = B @ (A @ X) costs 2 (m + n) R l for
+l columns, so the whole truncation costs O((m + n) R l (q + 1)), linear in R, where the exact core SVD (gram.py)
+costs O((m + n) R^2 + R^3). The result is exactly the best rank-k approximation of Q Q^T M for the orthonormal
+basis Q found, so ||M - M_k||_F^2 = ||M||_F^2 - sum(S_k^2) holds for it: a caller that knows ||M||_F exactly (from
+the Grams) reports the discarded norm exactly, however good the range was.
+
+Pure, batched over leading dimensions (G same-shaped operators at once), device-agnostic; the random test
+matrices are drawn on the CPU in float64 from (seed, module path) alone, so results depend on neither the order
+nor the batching of modules nor the device they run on.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+Apply = Callable[[torch.Tensor], torch.Tensor]
+"""X (..., n, l) -> M @ X (..., m, l), or Y (..., m, l) -> M^T @ Y (..., n, l)."""
+
+
+def seeded_gaussians(paths: Sequence[str], n: int, columns: int, seed: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(G, n, columns) standard Gaussian test matrices, one per module path, each from a CPU generator seeded with
+    crc32(f"{seed}:{path}") (as the DARE rule seeds its masks): the same numbers on every device and run."""
+    out = torch.empty((len(paths), n, columns), dtype=torch.float64)
+    for g, path in enumerate(paths):
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{path}".encode()))
+        out[g].normal_(generator=generator)
+    return out.to(device=device, dtype=dtype)
+
+
+def randomized_svd(
+    apply: Apply, apply_t: Apply, omega: torch.Tensor, rank: int, power_iterations: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L (..., m, k), S (..., c), Rt (..., k, n)), k = min(rank, c): L diag(S[:k]) Rt is the best rank-k
+    approximation of Q Q^T M, Q (m x c) an orthonormal basis of the block Krylov space
+    [M Omega, (M M^T) M Omega, ..., (M M^T)^q M Omega], q = power_iterations, c <= (q + 1) l, l = omega.shape[-1].
+
+    Block Krylov iteration (Musco and Musco 2015): block j is Q_j = orth(M X_j), X_0 = Omega and
+    X_{j+1} = orth(M^T Q_j), each block orthogonalised against the earlier ones. The products M^T Q_j are kept,
+    so C^T = M^T Q = [M^T Q_0 | ... | M^T Q_q] costs nothing more: 2 (q + 1) products with l columns in all, as
+    many as q power iterations of plain subspace iteration, which it beats by far on the flat spectra of many
+    merged adapters (its error falls with the square root of the spectral gap, not the gap). The top-k
+    eigenvectors W_k of C C^T (c x c) give L = Q W_k and Rt = diag(S_k)^-1 W_k^T C (0 where S_k = 0), so that
+    L diag(S_k) Rt = Q W_k W_k^T Q^T M, an orthogonal projection of M, however well W_k was resolved. S holds
+    every singular value of Q^T M, largest first: sum(S^2) = ||Q^T M||_F^2 and
+    ||M - L diag(S_k) Rt||_F^2 = ||M||_F^2 - sum(S[:k]^2). Signs as gram.canonical_signs picks them (the largest
+    entry of each column of L positive). Everything is BLAS-3 (Cholesky QR, a c x c eigenproblem): Householder QR
+    and the SVD of a tall matrix cost more here than the products themselves."""
+    blocks: list[torch.Tensor] = []
+    products: list[torch.Tensor] = []
+    X = omega
+    for _ in range(power_iterations + 1):
+        Q = orthonormal_basis(apply(X), torch.cat(blocks, -1) if blocks else None)
+        if Q.shape[-1] == 0:
+            break
+        blocks.append(Q)
+        products.append(apply_t(Q))
+        X = orthonormal_basis(products[-1])
+    Q, Ct = torch.cat(blocks, -1), torch.cat(products, -1)
+    values, W = torch.linalg.eigh(Ct.mT @ Ct)  # ascending
+    values, W = values.flip(-1), W.flip(-1)
+    S = values.clamp_min(0).sqrt()
+    k = min(rank, S.shape[-1])
+    Wk, Sk = W[..., :k], S[..., :k]
+    L = Q @ Wk
+    Rt = (Ct @ Wk).mT / torch.where(Sk > 0, Sk, 1.0).unsqueeze(-1) * (Sk > 0).unsqueeze(-1)
+    pivot = L.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.where(torch.gather(L, -2, pivot) < 0, -1.0, 1.0).to(L.dtype)
+    return L * sign, S, Rt * sign.mT
+
+
+# orthonormal_basis accepts a Cholesky QR whose basis is orthonormal to this (max |Q^T Q - I|); else Householder
+ORTHONORMAL_TOLERANCE = 1e-12
+
+
+def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., m, c): an orthonormal basis of the span of Y's columns with the span of `before` (an orthonormal
+    (..., m, b) basis, or None) projected out; c = Y's columns, or fewer where m - b leaves less room.
+
+    Cholesky QR twice (Y^T Y = L L^T, Y L^-T; the second pass makes the first orthonormal to rounding), with the
+    projection repeated before each pass (classical Gram-Schmidt twice). Where a Cholesky factor fails or the
+    result is not orthonormal to ORTHONORMAL_TOLERANCE (Y of lower rank than its columns, or too ill-conditioned)
+    Householder QR does the same passes instead: its Q is orthonormal whatever Y's rank."""
+    room = Y.shape[-2] - (before.shape[-1] if before is not None else 0)
+    Y = Y[..., : max(0, min(Y.shape[-1], room))]
+    if Y.shape[-1] == 0:
+        return Y
+    Q, ok = Y, torch.ones((), dtype=torch.bool, device=Y.device)
+    for _ in range(2):
+        if before is not None:
+            Q = Q - before @ (before.mT @ Q)
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        ok = ok & (info == 0).all()
+        if not ok:
+            break
+        Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT
+    if ok:
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        error = (Q.mT @ Q - eye).abs().amax()
+        if before is not None:
+            error = torch.maximum(error, (before.mT @ Q).abs().amax())
+        if bool(error <= ORTHONORMAL_TOLERANCE):
+            return Q
+    Q = Y
+    for _ in range(2):
+        if before is not None:
+            Q = Q - before @ (before.mT @ Q)
+        Q = torch.linalg.qr(Q).Q
+    return Q
+
+
+def factored(B: torch.Tensor, A: torch.Tensor) -> tuple[Apply, Apply]:
+    """(apply, apply_t) of M = B @ A for whole factors B (..., m, R) and A (..., R, n): M X = B (A X), never B A."""
+    return (lambda X: B @ (A @ X)), (lambda Y: A.mT @ (B.mT @ Y))
