@@ -1,0 +1,217 @@
+"""Many adapters: the randomized truncation (nan_peft/sketch.py) against the exact one, its seeded determinism, the
+automatic choice of path at its boundaries, the dense path, the Grams of many adapters, and a randomized merge
+loaded by peft. Small shapes only: seconds in all."""
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+from peft import PeftModel
+
+from models import BASES, LLAMA, input_ids
+from nan_peft import NanPeftError, merge_adapters, update_gram
+from nan_peft.coefficients import coefficients_for
+from nan_peft.combine import (
+    DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, MIN_RANDOMIZED_RANK, RANDOMIZED_SAVING, combine, truncation_path,
+)
+from nan_peft.lora import LoraAdapter, LoraModule
+from nan_peft.sketch import factored, orthonormal_basis, randomized_svd, seeded_gaussians
+from oracle import lora_layers, peft_deltas
+
+combine_module = importlib.import_module("nan_peft.combine")  # nan_peft.combine is also the function
+
+SHAPES = {"q": (48, 40), "down": (40, 72), "wide": (24, 96)}
+
+
+def adapters_like(count, r=4, shapes=SHAPES, decay=None, seed=0):
+    """`count` adapters of rank r with Gaussian factors; decay: B's columns scaled by decay**j (a decaying spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(count):
+        modules = {}
+        for path, (m, n) in shapes.items():
+            A = torch.randn(r, n, generator=g, dtype=torch.float64) / n**0.5
+            B = torch.randn(m, r, generator=g, dtype=torch.float64) * (1 + k % 3)
+            if decay is not None:
+                B = B * decay ** torch.arange(k * r, (k + 1) * r, dtype=torch.float64)
+            modules[path] = LoraModule(A, B, 2.0)
+        out.append(LoraAdapter(f"a{k}", "", {}, modules))
+    return out
+
+
+def merge(adapters, rank, **options):
+    gram = update_gram(adapters)
+    coefficients = coefficients_for("nan", gram)
+    merged, report = combine(adapters, coefficients, gram, "svd", rank, dtype=torch.float64, **options)
+    dense = {
+        path: sum(float(coefficients.values[m, k]) * a.modules[path].delta() for k, a in enumerate(adapters) if path in a.modules)
+        for m, path in enumerate(coefficients.modules)
+    }
+    return merged, {r.module: r for r in report}, dense
+
+
+def product(module):
+    return module.scale * (module.B.double() @ module.A.double())
+
+
+def test_randomized_equals_exact_where_the_krylov_space_holds_the_spectrum():
+    """A decaying spectrum: the randomized truncation is the optimum (to rounding), as the exact path computes it."""
+    adapters = adapters_like(6, decay=0.7)
+    exact, exact_report, dense = merge(adapters, 5, truncation="exact")
+    randomized, report, _ = merge(adapters, 5, truncation="randomized", oversample=5, power_iterations=2)
+    for path in SHAPES:
+        assert report[path].truncation == "randomized" and exact_report[path].truncation in ("gram", "dense")
+        scale = float(dense[path].norm())
+        torch.testing.assert_close(product(randomized[path]), product(exact[path]), rtol=0, atol=1e-9 * scale)
+        assert report[path].discarded == pytest.approx(exact_report[path].discarded, rel=1e-6, abs=1e-10 * scale)
+        assert report[path].norm == pytest.approx(exact_report[path].norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("power_iterations", [0, 1])
+def test_randomized_reports_its_own_discarded_norm_exactly(power_iterations):
+    """A flat spectrum and a small Krylov space: the result is not the optimum, but the discarded norm reported is
+    exactly ||dW - dW_r||_F of the factors returned, and no smaller than the optimum's."""
+    adapters = adapters_like(8, shapes={"q": (48, 40), "down": (40, 72)})
+    _, exact_report, _ = merge(adapters, 6, truncation="exact")
+    merged, report, dense = merge(adapters, 6, truncation="randomized", oversample=0, power_iterations=power_iterations)
+    for path in ("q", "down"):
+        true = float((dense[path] - product(merged[path])).norm())
+        assert report[path].discarded == pytest.approx(true, rel=1e-9)
+        assert report[path].discarded >= exact_report[path].discarded * (1 - 1e-12)
+        assert report[path].rank == 6 and merged[path].rank == 6
+
+
+def test_randomized_is_seeded_per_module():
+    """The same inputs give the same bytes; the seed changes the result; batching and order do not."""
+    adapters = adapters_like(8, shapes={"q": (48, 40), "q2": (48, 40)})
+    options = dict(truncation="randomized", oversample=0, power_iterations=0)
+    first, _, _ = merge(adapters, 6, **options)
+    again, _, _ = merge(adapters, 6, **options)
+    one_at_a_time, _, _ = merge(adapters, 6, max_batch_bytes=1, **options)
+    other_seed, _, _ = merge(adapters, 6, sketch_seed=1, **options)
+    for path in first:
+        for result in (again, one_at_a_time):
+            assert torch.equal(result[path].A, first[path].A) and torch.equal(result[path].B, first[path].B)
+        assert not torch.equal(other_seed[path].A, first[path].A)
+    # the test matrix of a module depends on (seed, path) alone, not on the other paths drawn with it
+    assert torch.equal(seeded_gaussians(["x", "y"], 5, 3, 7)[1], seeded_gaussians(["y"], 5, 3, 7)[0])
+    assert not torch.equal(seeded_gaussians(["x"], 5, 3, 7), seeded_gaussians(["y"], 5, 3, 7))
+
+
+def test_automatic_choice_at_its_boundaries(monkeypatch):
+    m = n = 4096
+    l, q = 64 + DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS
+    switch = next(R for R in range(MIN_RANDOMIZED_RANK, m) if truncation_path(m, n, R, 64) == "randomized")
+    exact = 2.0 * (m + n) * switch**2 + combine_module.CORE_FLOPS * switch**3
+    assert exact > RANDOMIZED_SAVING * 4.0 * (q + 1) * (m + n) * switch * l  # the cost model's crossing
+    assert truncation_path(m, n, switch - 1, 64) == "gram"
+    assert all(truncation_path(m, n, R, 64) == "randomized" for R in (switch, 2 * switch, m - 1, m, 4 * m))
+    assert truncation_path(m, n, m - 1, 64, "exact") == "gram" and truncation_path(m, n, m, 64, "exact") == "dense"
+    # small R: exact whatever the model says; nothing to truncate: exact even when randomized is asked for
+    assert truncation_path(m, n, MIN_RANDOMIZED_RANK - 1, 1, oversample=0, power_iterations=0) == "gram"
+    assert truncation_path(m, n, MIN_RANDOMIZED_RANK, 1, oversample=0, power_iterations=0) == "randomized"
+    assert truncation_path(m, n, 64, 64, "randomized") == "gram" and truncation_path(32, n, 64, 64, "randomized") == "dense"
+    # a Krylov space as wide as the module ((q + 1) l = 400 columns): exact, even where the exact core costs most
+    monkeypatch.setattr(combine_module, "CORE_FLOPS", 1e9)
+    assert truncation_path(400, 4096, 300, 64) == "gram" and truncation_path(400, 4096, 400, 64) == "dense"
+    assert truncation_path(401, 4096, 300, 64) == "randomized" and truncation_path(400, 4096, 300, 64, "randomized") == "randomized"
+
+
+def test_auto_picks_randomized_for_many_adapters_and_records_it(monkeypatch):
+    """Through combine with auto: small modules stay exact (bit for bit as before), large R goes randomized."""
+    monkeypatch.setattr(combine_module, "MIN_RANDOMIZED_RANK", 16)
+    monkeypatch.setattr(combine_module, "CORE_FLOPS", 1e6)  # make the exact core look expensive at these sizes
+    adapters = adapters_like(8, shapes={"big": (200, 180), "small": (12, 90)})
+    merged, report, dense = merge(adapters, 3, oversample=2, power_iterations=1)
+    assert report["big"].truncation == "randomized" and report["small"].truncation == "randomized"  # R = 32 > 12 too
+    for path in ("big", "small"):
+        assert report[path].discarded == pytest.approx(float((dense[path] - product(merged[path])).norm()), rel=1e-9)
+    monkeypatch.setattr(combine_module, "CORE_FLOPS", 20.0)
+    monkeypatch.setattr(combine_module, "MIN_RANDOMIZED_RANK", 256)
+    auto, auto_report, _ = merge(adapters, 3)
+    exact, _, _ = merge(adapters, 3, truncation="exact")
+    assert auto_report["big"].truncation == "gram"
+    assert torch.equal(auto["big"].A, exact["big"].A) and torch.equal(auto["big"].B, exact["big"].B)
+
+
+def test_dense_path_is_the_optimal_truncation():
+    """R >= min(m, n): the dense SVD, the Eckart-Young optimum."""
+    adapters = adapters_like(7, shapes={"narrow": (20, 64)})  # R = 28 > 20
+    merged, report, dense = merge(adapters, 5, truncation="exact")
+    U, S, Vh = torch.linalg.svd(dense["narrow"])
+    best = U[:, :5] @ torch.diag(S[:5]) @ Vh[:5]
+    assert report["narrow"].truncation == "dense" and report["narrow"].input_rank == 28
+    torch.testing.assert_close(product(merged["narrow"]), best, rtol=0, atol=1e-10 * float(S[0]))
+    assert report["narrow"].discarded == pytest.approx(float(S[5:].square().sum().sqrt()), rel=1e-9)
+    assert report["narrow"].norm == pytest.approx(float(S.square().sum().sqrt()), rel=1e-12)
+
+
+def test_orthonormal_basis_of_rank_deficient_blocks():
+    """Cholesky QR where it is accurate; Householder where Y has lower rank than its columns; earlier blocks
+    projected out either way."""
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(2, 50, 6, generator=g, dtype=torch.float64)
+    before = orthonormal_basis(torch.randn(2, 50, 4, generator=g, dtype=torch.float64))
+    deficient = torch.cat([Y[..., :3], Y[..., :3] @ torch.randn(3, 3, generator=g, dtype=torch.float64)], -1)
+    for block in (Y, deficient, before[..., :2] @ torch.randn(2, 6, generator=g, dtype=torch.float64)):
+        Q = orthonormal_basis(block, before)
+        torch.testing.assert_close(Q.mT @ Q, torch.eye(6, dtype=torch.float64).expand(2, 6, 6), rtol=0, atol=1e-12)
+        assert (before.mT @ Q).abs().max() < 1e-12
+    assert orthonormal_basis(torch.randn(5, 8, dtype=torch.float64)).shape == (5, 5)
+
+
+def test_randomized_svd_of_a_zero_operator():
+    B, A = torch.zeros(30, 6, dtype=torch.float64), torch.zeros(6, 20, dtype=torch.float64)
+    L, S, Rt = randomized_svd(*factored(B, A), seeded_gaussians(["z"], 20, 4, 0)[0], 3, 1)
+    assert S.abs().max() == 0 and torch.isfinite(L).all() and Rt.abs().max() == 0
+
+
+def test_gram_of_many_adapters_equals_dense():
+    """update_gram at a K where R exceeds the blocked-Gram threshold: every pair's inner product, as dense."""
+    adapters = adapters_like(40, r=8, shapes={"q": (32, 24), "w": (16, 40)})  # R = 320
+    inner = update_gram(adapters).inner
+    for m, path in enumerate(sorted(["q", "w"])):
+        flat = torch.stack([a.modules[path].delta().reshape(-1) for a in adapters])
+        torch.testing.assert_close(inner[m], flat @ flat.T, rtol=1e-12, atol=1e-12 * float(inner[m].diagonal().max()))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("truncation", "fast", "unknown truncation 'fast'"),
+    ("oversample", -1, "oversample must be a non-negative integer"),
+    ("power_iterations", 1.5, "power_iterations must be a non-negative integer"),
+    ("sketch_seed", True, "sketch_seed must be a non-negative integer"),
+])
+def test_option_errors(option, value, message):
+    with pytest.raises(NanPeftError, match=message):
+        merge(adapters_like(2), 3, **{option: value})
+
+
+def test_randomized_merge_loads_in_peft(llama_adapters, tmp_path):
+    """The randomized merge written as a peft adapter: each module's update as peft loads it is the exact merge's
+    minus what was reported discarded, and with a Krylov space that holds the spectrum its logits are the exact
+    svd merge's."""
+    exact = merge_adapters(llama_adapters, combine="svd", rank=6, dtype=torch.float32)
+    cat = {path: product(m) for path, m in merge_adapters(llama_adapters, combine="cat").adapter.modules.items()}
+    ids = input_ids()
+    logits = {}
+    for name, options in (("exact", None), ("full", dict(oversample=8, power_iterations=4)), ("truncating", dict(oversample=0, power_iterations=0))):
+        result = exact
+        if options:
+            modules, report = combine(exact.sources, exact.coefficients, exact.gram, "svd", 6, dtype=torch.float32,
+                                      truncation="randomized", **options)
+            result = dataclasses.replace(exact, adapter=dataclasses.replace(exact.adapter, modules=modules), report=report)
+        result.save_pretrained(tmp_path / name)
+        model = PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / name)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+        loaded = peft_deltas(model)
+        for r in result.report:
+            if r.truncation != "randomized":  # modules whose R <= 6 are exact: nothing to truncate
+                assert not options or r.input_rank <= 6
+                continue
+            difference = float((loaded[r.module]["default"] - cat[r.module]).norm())
+            assert difference == pytest.approx(r.discarded, rel=1e-4, abs=1e-6 * r.norm), r.module
+        assert set(lora_layers(model)) == {r.module for r in result.report}
+    torch.testing.assert_close(logits["full"], logits["exact"], rtol=1e-4, atol=1e-5)
+    assert (logits["truncating"] - logits["exact"]).abs().max() > 0
