@@ -561,7 +561,8 @@ def _weights(value) -> list[float]:
 
 
 def _device(name):
-    from .merge import merge_adapters, resolve_device
+    from .devices import resolve_device
+    from .merge import merge_adapters
 
     if name is None:  # the library's default, resolved so that the record says where the merge ran
         name = inspect.signature(merge_adapters).parameters["device"].default

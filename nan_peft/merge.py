@@ -14,7 +14,9 @@ import torch
 from .coefficients import Coefficients, coefficients_for
 from .combine import ModuleReport, default_combine
 from .combine import combine as combine_updates
+from .devices import resolve_device
 from .errors import NanPeftError
+from .fold import fold_into
 from .lora import LoraAdapter
 from .norms import UpdateGram, update_gram
 from .reader import read_adapters
@@ -137,22 +139,7 @@ class MergeResult:
 
     def fold_into(self, base: str | os.PathLike, output: str | os.PathLike, **options) -> Path:
         """Write base + the exact merged update (never truncated) as a full model: see nan_peft.fold.fold_into."""
-        from .fold import fold_into  # fold imports this module
-
         return fold_into(self, base, output, **options)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto" (or None) picks CUDA when available, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise NanPeftError(f"unknown device {device!r} ({error})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise NanPeftError(f"device {device!r} asked for, but CUDA is not available here")
-    return resolved
 
 
 def merge_adapters(

@@ -124,9 +124,10 @@ def test_fold_rows_in_blocks_equal_the_whole_update(monkeypatch, tmp_path, chunk
     equals (W.float() + update.float()).to(W.dtype) with the update formed whole."""
     from safetensors.torch import save_file
 
-    from nan_peft.fold import _Buffers, _write_folded_rows, read_header, row_factors
+    from nan_peft.fold import read_header
+    from nan_peft.fold.stream import _Buffers, _write_folded_rows, row_factors
 
-    monkeypatch.setattr(fold, "FOLD_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(fold.stream, "FOLD_CHUNK_BYTES", chunk)
     adapters = [adapter("a", SHAPES, 4, 1), adapter("b", SHAPES, 3, 2)]
     for a in adapters:
         for path, m in list(a.modules.items()):

@@ -340,7 +340,7 @@ def test_cpu_offloaded_weights_are_folded_in_place(bases, llama_adapters, gpt2_a
     goes into accelerate's CPU copy, which save_pretrained writes. Simulated here with accelerate.cpu_offload."""
     from accelerate import cpu_offload
 
-    load = fold._load_placed
+    load = fold.load_placed
 
     def offloaded(plan, device_map, max_memory):
         model = load(plan, device_map, max_memory)
@@ -349,7 +349,7 @@ def test_cpu_offloaded_weights_are_folded_in_place(bases, llama_adapters, gpt2_a
         assert all(p.device.type == "meta" for p in model.parameters())
         return model
 
-    monkeypatch.setattr(fold, "_load_placed", offloaded)
+    monkeypatch.setattr(fold, "load_placed", offloaded)
     result = merge_adapters(llama_adapters)
     placed = fold_into(result, bases["llama"], tmp_path / "placed", device_map="cpu")
     streamed = fold_into(result, bases["llama"], tmp_path / "streamed")

@@ -45,7 +45,7 @@ def check(facts: Facts, target: Target, engine: str, decode_max_rank: int) -> li
     rule = "lora_alpha/sqrt(r) (rsLoRA)" if facts.rslora else "lora_alpha/r"
     found += scale_findings(facts, engine, global_scale, f"{rule} everywhere and ignores rank_pattern / alpha_pattern")
     found += language_model_findings(facts, engine)
-    r, alpha, tp = facts.config.get("r"), facts.config.get("lora_alpha"), target.tensor_parallel
+    r, tp = facts.config.get("r"), target.tensor_parallel
     if facts.global_scale is not None and isinstance(r, int) and padded_rank(r, tp) != r:
         padded = padded_rank(r, tp)
         scale = facts.global_scale * (r / padded if not facts.rslora else (r / padded) ** 0.5)
