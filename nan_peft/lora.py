@@ -86,6 +86,9 @@ class LoraAdapter:
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     """The trained full modules of peft's modules_to_save (task heads such as a classifier, or a retrained
     embedding), by state-dict key: they replace the base module and cannot be averaged."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """sha256 of each file the adapter was read from (adapter_config.json and the weights file), hashed from
+    the bytes the reader parsed; empty for an adapter not read from files."""
 
     @property
     def saved_modules(self) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -12,15 +11,14 @@ from pathlib import Path
 import torch
 
 from .coefficients import Coefficients, coefficients_for
-from .combine import ModuleReport, default_combine
+from .combine import ModuleReport
 from .combine import combine as combine_updates
-from .devices import resolve_device
 from .errors import NanPeftError
 from .fold import fold_into
 from .lora import LoraAdapter
 from .norms import UpdateGram, update_gram
 from .reader import read_adapters
-from .rules import rule_options
+from .spec import MergeSpec
 from .serving import ServingPlan, Target, plan_for
 from .writer import write_adapter
 
@@ -38,6 +36,9 @@ class MergeResult:
     report: list[ModuleReport]
     sources: list[LoraAdapter]
     options: dict = field(default_factory=dict)
+    """The options as the record holds them (MergeSpec.record_options)."""
+    spec: MergeSpec | None = None
+    """The spec the merge was made with (None for a result assembled by hand)."""
 
     @property
     def rank(self) -> int:
@@ -148,23 +149,12 @@ def merge_adapters(
     rank: int | None = None,
     coefficients: str | Sequence[float] | None = None,
     *,
-    method: str = "task_arithmetic",
-    density: float | None = None,
-    scale: float | None = None,
-    normalize: bool | None = None,
-    seed: int | None = None,
-    majority_sign_method: str | None = None,
-    weights: Sequence[float] | None = None,
-    granularity: str | None = None,
-    exponent: float | None = None,
-    total: float | None = None,
-    device: str | torch.device | None = "cpu",
-    dtype: torch.dtype | None = None,
-    allow_different_bases: bool = False,
-    allow_duplicates: bool = False,
+    spec: MergeSpec | None = None,
+    **options,
 ) -> MergeResult:
     """Merge LoRA adapters into one; by default dW = sum_k c_k s_k B_k A_k at every module.
 
+    The options are MergeSpec's fields (nan_peft.spec), given as keywords or as `spec`:
     coefficients: "nan" (default; c_k proportional to ||dW_k||_F^-exponent, summing to `total`),
     "uniform", "manual" (with `weights`; the default when `weights` are given), or the weights themselves.
     method: the merge rule the coefficients are plugged into (nan_peft.rules.RULES): "task_arithmetic"
@@ -176,53 +166,26 @@ def merge_adapters(
     Computation runs on `device`; the result is written in `dtype`, a float torch.dtype or its name
     ("bfloat16"; default: the inputs' dtype when they share one, else float32).
     """
-    if coefficients is None:
-        coefficients = "nan" if weights is None else "manual"
-    elif not isinstance(coefficients, str):
-        if weights is not None:
-            raise NanPeftError("give the weights either as coefficients= or as weights=, not both")
-        coefficients, weights = "manual", list(coefficients)
-    for key, value in {"density": density, "scale": scale, "exponent": exponent, "total": total}.items():
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            raise NanPeftError(f"{key} must be a finite number, got {value}")
-    if scale == 0:
-        raise NanPeftError("scale 0 makes the merged update zero: nothing to merge")
-    rule = {"density": density, "scale": scale, "normalize": normalize, "seed": seed, "majority_sign_method": majority_sign_method}
-    rule_options(method, rule)  # fail before any reading
-    dtype = output_dtype(dtype)
-    device = resolve_device(device)
-    sources = read_adapters(adapters, allow_different_bases=allow_different_bases, allow_duplicates=allow_duplicates)
+    if spec is None:
+        spec = MergeSpec(combine=combine, rank=rank, coefficients=coefficients, **options)
+    elif combine is not None or rank is not None or coefficients is not None or options:
+        raise NanPeftError("give the options either as spec= or as keywords, not both")
+    return merge_sources(read_adapters(adapters, allow_different_bases=spec.allow_different_bases, allow_duplicates=spec.allow_duplicates), spec)
+
+
+def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResult:
+    """The merge of adapters already read and checked together (reader.read_adapters), as `spec` says:
+    norms -> coefficients -> combine. merge_adapters is read_adapters followed by this."""
+    device = torch.device(spec.device)
     gram = update_gram(sources, device)
-    coeffs = coefficients_for(coefficients, gram, weights=weights, granularity=granularity, exponent=exponent, total=total)
-    dtype = dtype or _common_dtype(sources)
-    combine = combine or default_combine(method)
-    modules, report = combine_updates(sources, coeffs, gram, combine, rank, device, dtype, method, rule)
+    coeffs = coefficients_for(spec.coefficients, gram, **spec.provider_given)
+    dtype = getattr(torch, spec.dtype) if spec.dtype else _common_dtype(sources)
+    modules, report = combine_updates(sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given)
     if not modules:
         raise NanPeftError("every coefficient is zero: the merged update is empty")
     extras = {key: tensor for source in sources for key, tensor in source.extras.items()}  # equal across sources
     merged = LoraAdapter(name="merged", source="", config=_merged_config(sources), modules=modules, extras=extras)
-    options = {
-        "method": method,
-        **{key: value for key, value in rule.items() if value is not None},
-        "combine": combine,
-        "rank": rank,
-        "coefficients": coefficients,
-        "weights": None if weights is None else [float(w) for w in weights],
-        "granularity": coeffs.granularity,
-        "exponent": exponent,
-        "total": total,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    return MergeResult(merged, coeffs, gram, report, sources, options)
-
-
-def output_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A float torch.dtype from a dtype or its name ("bfloat16", "torch.float16"); None stays None."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise NanPeftError(f"dtype must be a float type such as float32, float16 or bfloat16, not {dtype!r}")
-    return dtype
+    return MergeResult(merged, coeffs, gram, report, list(sources), spec.record_options(coeffs.granularity, dtype), spec)
 
 
 def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from .errors import NanPeftError
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_peft
@@ -54,7 +57,7 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     for _ in range(_READ_ATTEMPTS):
         before = _file_states(folder)
         try:
-            config, modules, extras, saved = _read_folder(folder, label)
+            config, modules, extras, saved, digests = _read_folder(folder, label)
         except NanPeftError:
             if _file_states(folder) == before:
                 raise
@@ -64,12 +67,15 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
     else:
         raise NanPeftError(f"{label}: the adapter kept changing while it was being read; try again once it is written")
     return LoraAdapter(
-        name=name or _display_name(path), source=str(folder), config=config, modules=modules, extras=extras, saved=saved
+        name=name or _display_name(path), source=str(folder), config=config, modules=modules, extras=extras, saved=saved, digests=digests
     )
 
 
 def read_adapters(
-    paths: Sequence[str | os.PathLike | LoraAdapter], allow_different_bases: bool = False, allow_duplicates: bool = False
+    paths: Sequence[str | os.PathLike | LoraAdapter],
+    allow_different_bases: bool = False,
+    allow_duplicates: bool = False,
+    on_read: Callable[[], object] | None = None,
 ) -> list[LoraAdapter]:
     """Read several adapters and check that they can be merged: one base model, compatible module shapes.
 
@@ -77,7 +83,11 @@ def read_adapters(
     allow_duplicates: merging it twice silently doubles its weight. Adapters with the same name are renamed
     a, a#2, ... in the returned list; LoraAdapter objects passed in are not modified.
     """
-    adapters = [p if isinstance(p, LoraAdapter) else read_adapter(p) for p in paths]
+    adapters = []
+    for path in paths:
+        adapters.append(path if isinstance(path, LoraAdapter) else read_adapter(path))
+        if on_read is not None:  # a progress bar
+            on_read()
     if not adapters:
         raise NanPeftError("no adapters given")
     if not allow_duplicates:
@@ -158,10 +168,13 @@ _READ_ATTEMPTS = 3
 _MAX_UPDATE_NORM = 1e150  # squared and summed over many modules and adapters, it still fits a float64
 
 
-def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    config = _read_config(folder, label)
+def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
+    """The config, modules, carried and saved full tensors, and the sha256 of each file read (hashed from the
+    bytes the reader parsed, so that the record names exactly what was merged)."""
+    digests: dict[str, str] = {}
+    config = _read_config(folder, label, digests)
     check_config(config, label)
-    tensors = _read_tensors(folder, label, config)
+    tensors = _read_tensors(folder, label, config, digests)
     extras = {key: tensors.pop(key) for key in list(tensors) if key.endswith(_CARRIED_SUFFIX)}
     saved = {key: tensors.pop(key) for key in list(tensors) if saved_module(key, config) is not None}
     modules = _modules_from_tensors(tensors, config, label)
@@ -170,7 +183,7 @@ def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule],
     for key in extras:
         if not key.startswith(KEY_PREFIX) or key.removeprefix(KEY_PREFIX).removesuffix(_CARRIED_SUFFIX) not in modules:
             raise NanPeftError(f"{label}: unexpected tensor {key!r} (the full weight of a module the adapter does not adapt)")
-    return config, modules, extras, saved
+    return config, modules, extras, saved, digests
 
 
 def saved_module(key: str, config: Mapping) -> str | None:
@@ -212,12 +225,14 @@ def _display_name(path: str | os.PathLike) -> str:
     return Path(path).name or str(path)
 
 
-def _read_config(folder: Path, label: str) -> dict:
+def _read_config(folder: Path, label: str, digests: dict[str, str]) -> dict:
     file = folder / CONFIG_NAME
     if not file.is_file():
         raise NanPeftError(f"{label}: missing {CONFIG_NAME}")
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
+        digests[CONFIG_NAME] = hashlib.sha256(data).hexdigest()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise NanPeftError(f"{label}: {CONFIG_NAME} is unreadable ({_first_line(error)})") from None
     try:
@@ -309,14 +324,16 @@ def _positive_number(value) -> bool:
         return False
 
 
-def _read_tensors(folder: Path, label: str, config: dict) -> dict[str, torch.Tensor]:
+def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str]) -> dict[str, torch.Tensor]:
     safetensors = folder / SAFETENSORS_NAME
     if safetensors.is_file():
         try:
-            with safe_open(safetensors, framework="pt") as file:
-                metadata = file.metadata() or {}
-                tensors = {key: file.get_tensor(key) for key in file.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            data = safetensors.read_bytes()
+            digests[SAFETENSORS_NAME] = hashlib.sha256(data).hexdigest()
+            tensors = load_safetensors(data)
+            (length,) = struct.unpack("<Q", data[:8])
+            metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+        except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as error:
             raise NanPeftError(f"{label}: {SAFETENSORS_NAME} is unreadable ({_first_line(error)})") from None
         if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != content_digest(tensors, config):
             raise NanPeftError(
@@ -327,7 +344,9 @@ def _read_tensors(folder: Path, label: str, config: dict) -> dict[str, torch.Ten
     pickle = folder / BIN_NAME
     if pickle.is_file():
         try:
-            tensors = torch.load(pickle, map_location="cpu", weights_only=True)
+            data = pickle.read_bytes()
+            digests[BIN_NAME] = hashlib.sha256(data).hexdigest()
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # weights_only refuses code; any failure is a bad file
             raise NanPeftError(f"{label}: {BIN_NAME} is unreadable or not plain tensors ({_first_line(error)})") from None
         if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):

@@ -32,22 +32,31 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def input_entry(path: str, folder: str | os.PathLike, name: str) -> dict:
+def input_entry(path: str, folder: str | os.PathLike, name: str, digests: Mapping[str, str] | None = None) -> dict:
     """How the record names one input: the path as the user gave it, and the sha256 of each file the reader uses
-    (adapter_config.json and the weights file it read) in `folder`, where the adapter actually lies.
+    (adapter_config.json and the weights file it read) in `folder`, where the adapter actually lies: `digests`,
+    as the reader hashed them while reading (LoraAdapter.digests), else hashed here.
 
     An input read from the Hub (`folder` is the cached snapshot of the reference `path`) also gets
     "hub": {"repo_id", "revision" (as given, None for the default branch), "commit" (the one read), "subfolder"};
     a local input's entry has no such key."""
     folder = Path(folder)
-    weights = SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).is_file() else BIN_NAME
-    files = {file: sha256_file(folder / file) for file in (CONFIG_NAME, weights) if (folder / file).is_file()}
+    if digests:
+        files = dict(digests)
+    else:
+        weights = SAFETENSORS_NAME if (folder / SAFETENSORS_NAME).is_file() else BIN_NAME
+        files = {file: sha256_file(folder / file) for file in (CONFIG_NAME, weights) if (folder / file).is_file()}
     entry = {"name": name, "path": str(path)}
     source = hub.provenance(path, folder)
     if source is not None:
         entry["hub"] = source
     entry["sha256"] = files
     return entry
+
+
+def input_entries(paths: Sequence[str], sources) -> list[dict]:
+    """input_entry of each source adapter, with the digests its reading made."""
+    return [input_entry(str(path), source.source, source.name, source.digests) for path, source in zip(paths, sources)]
 
 
 def merge_record(

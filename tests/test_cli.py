@@ -313,7 +313,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(here, monkey
     adapters are read (reading is made to fail here, so reaching it would show), and nothing changed."""
     import nan_peft.cli
 
-    monkeypatch.setattr(nan_peft.cli, "_read", lambda *a, **k: pytest.fail("read the adapters before checking -o"))
+    monkeypatch.setattr(nan_peft.cli.app, "read_sources", lambda *a, **k: pytest.fail("read the adapters before checking -o"))
     (here / "a-file").write_text("keep")
     (here / "dangling").symlink_to(here / "nowhere")
     cases = [("a-file", "a-file is a file: the output is a folder, and a file is never replaced"),

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["FoldPlan", "fold_into", "merge_rule", "module_update", "parse_max_memory", "plan_fold", "read_checkpoint",
            "read_header", "resolve_base", "resolve_tensor", "row_factors"]
 
-RULE_OPTIONS = ("density", "scale", "normalize", "seed", "majority_sign_method")
 
 
 def fold_into(
@@ -102,9 +101,8 @@ def fold_into(
 
 
 def merge_rule(result: MergeResult) -> tuple[str, dict]:
-    """The merge rule of `result` and its options, as dense_updates takes them."""
-    options = result.options or {}
-    return options.get("method", "task_arithmetic"), {key: options[key] for key in RULE_OPTIONS if options.get(key) is not None}
+    """The merge rule of `result` and its options, as dense_updates takes them: from the spec it was made with."""
+    return result.spec.method, result.spec.rule_given
 
 
 def parse_max_memory(text: str) -> dict[int | str, str]:

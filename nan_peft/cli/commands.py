@@ -1,0 +1,157 @@
+"""The commands: each parses (app), calls the library once per step, and renders (render)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from ..spec import FoldSpec, MergeSpec, OutputSpec
+from . import app, render
+from .app import cli, opt, output_options, spec_options, stage
+
+
+@cli.command(short_help="Merge adapters into one, with NAN coefficients by default.")
+@click.argument("adapters", nargs=-1, metavar="[ADAPTER]...")
+@opt("-o", "--output", metavar="DIR", section="Input and output", help="Folder to write the merged adapter to.")
+@opt("--config", "recipe", type=click.Path(dir_okay=False), metavar="RECIPE.yaml", section="Input and output",
+     help="YAML recipe with the same option names (adapters, output, combine, ...; paths relative to the current "
+          "folder); options given here override it.")
+@opt("--force", is_flag=True, section="Input and output", help="Replace OUTPUT if it exists (atomically).")
+@spec_options(MergeSpec, OutputSpec, FoldSpec)
+@output_options()
+@click.pass_context
+def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, debug, **given) -> None:
+    """Merge ADAPTER folders (or Hub ids) into one LoRA adapter written to OUTPUT, with a merge record
+    (merge_record.json) and a model card (README.md). Prints adapters, norms and coefficients.
+
+    \b
+    Examples:
+      nan-peft merge math code chat -o merged
+      nan-peft merge math code -o merged --combine svd --rank 16
+      nan-peft merge math code -o merged --weights 0.7,0.3
+      nan-peft merge --config recipe.yaml --force
+    """
+    from ..describe import merge_document
+    from ..merge import merge_sources
+    from ..output import OptionConflict, check_combination, deployment_options, gguf_base_config, write_merge
+    from ..record import input_entries, merge_record
+    from ..writer import check_output
+
+    recipe_data = app.load_recipe(recipe) if recipe else {}
+    try:
+        spec, out, fold = app.build_specs(given, recipe_data)
+        out = check_combination(out, fold)
+    except OptionConflict as error:
+        raise click.UsageError(str(error), ctx) from None
+    paths = list(adapters) or recipe_data.get("adapters") or []
+    output = output or recipe_data.get("output")
+    force = force or bool(recipe_data.get("force"))
+    if not paths:
+        raise click.UsageError("give at least one ADAPTER (or a --config recipe that lists adapters)", ctx)
+    if not output:
+        raise click.UsageError("give the output folder with -o / --output (or `output:` in the recipe)", ctx)
+    check_output(output, force, "--force")
+
+    sources = app.read_sources(paths, quiet, spec.allow_different_bases, spec.allow_duplicates)
+    base_config = gguf_base_config(out.base or sources[0].base_model) if out.format == "gguf" else None
+    with stage("norms, coefficients, merge", quiet):
+        result = merge_sources(sources, spec)
+    command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in app.UNRECORDED_FLAGS]
+    if out.format == "gguf" and out.base is None:
+        out = dataclasses.replace(out, base=result.adapter.base_model)
+    extra = {"device": spec.device, "heads": out.heads, "serve": out.serve, **deployment_options(out)}
+    record = merge_record(result, input_entries(paths, sources), command, extra, recipe=recipe_data or None)
+    if fold.fold_into is not None:
+        written = _fold(result, fold, record, output, force, quiet)
+    else:
+        with stage(f"writing {output}", quiet):
+            done = write_merge(result, output, out, record, overwrite=force, base_config=base_config)
+        for message in done.notes:
+            app.note(message, quiet)
+        written = done.folder
+    document = merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
+    render.print_json(document) if as_json else click.echo(render.merge_text(document, output))
+
+
+def _fold(result, fold: FoldSpec, record: dict, output: str, force: bool, quiet: bool) -> Path:
+    """--fold-into: the base resolved once (the folder folded is the commit recorded), then the fold."""
+    from ..fold import parse_max_memory, resolve_base
+    from ..hub import provenance
+    from ..record import provenance_files
+
+    record["options"]["fold_into"] = fold.fold_into
+    base = resolve_base(fold.fold_into)
+    base_source = provenance(fold.fold_into, base)
+    if base_source is not None:
+        record["fold_into_hub"] = base_source
+    memory = parse_max_memory(fold.max_memory) if fold.max_memory else None
+    if fold.device_map and (quiet or not sys.stderr.isatty()):  # transformers' own loading/saving bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    with stage(f"folding into {fold.fold_into}: {output}", quiet):
+        return result.fold_into(base, output, device=result.spec.device, device_map=fold.device_map, max_memory=memory,
+                                overwrite=force, extra_files=provenance_files(result, record, output))
+
+
+@cli.command(short_help="Norms, cosine similarities and the coefficients each option gives.")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@opt("--allow-different-bases", is_flag=True, section="Input", help="Accept adapters whose configs name different base models.")
+@opt("--device", metavar="cpu|cuda|auto", section="Execution", help="Where to compute [default cpu].")
+@output_options()
+def norms(adapters, allow_different_bases, device, as_json, quiet, debug) -> None:
+    """Show each ADAPTER's update norm ||dW||_F, the pairwise cosine similarities of the updates and the
+    coefficients NAN (and uniform) would give, computed from r x r Gram matrices. Writes nothing."""
+    from ..describe import norms_document
+    from ..devices import resolve_device
+    from ..norms import update_gram
+
+    compute = resolve_device(device or "cpu")
+    sources = app.read_sources(list(adapters), quiet, allow_different_bases, allow_duplicates=True)  # shown, not merged
+    with stage("norms", quiet):
+        gram = update_gram(sources, compute)
+    document = norms_document(sources, adapters, gram)
+    render.print_json(document) if as_json else click.echo(render.norms_text(document))
+
+
+@cli.command("inspect", short_help="What an adapter is and which serving engines load it.")
+@click.argument("adapter", metavar="ADAPTER")
+@opt("--tensor-parallel", "tensor_parallel", type=click.IntRange(min=1), default=1, metavar="N",
+     help="The engines' tensor-parallel degree (LoRAX and TGI pad ranks by it) [default 1].")
+@opt("--engine-version", "engine_version", metavar="V",
+     help="The engine version whose rules apply (vLLM 0.32 and later honour rank/alpha patterns) [default: installed, else the oldest rules].")
+@output_options()
+def inspect_adapter(adapter, tensor_parallel, engine_version, as_json, quiet, debug) -> None:
+    """Describe ADAPTER (base model, ranks, scaling, target modules, layers, size, variants such as rsLoRA) and
+    check whether the serving engines (vLLM, SGLang, LoRAX, TGI, TensorRT-LLM, llama.cpp) and peft would serve it
+    as peft does, with the flags to pass."""
+    from ..describe import adapter_document
+
+    (source,) = app.read_sources([adapter], quiet)
+    document = adapter_document(source, adapter, tensor_parallel, engine_version)
+    render.print_json(document) if as_json else click.echo(render.adapter_text(document))
+
+
+@cli.command(short_help="Build a tiny model and adapters locally, merge them with NAN, check the result.")
+@opt("-o", "--output", metavar="DIR", section="Output", help="Folder for the base model, adapters and merge [default: a new temporary folder].")
+@opt("--force", is_flag=True, section="Output", help="Use DIR even if it is not empty.")
+@output_options(json_flag=False)
+def demo(output, force, quiet, debug) -> None:
+    """Show NAN at work in a few seconds, with no downloads: build a tiny Llama from a config, make three LoRA
+    adapters with peft (different ranks and update norms, fixed seed), merge them with NAN coefficients, load the
+    merge with peft and compare its logits with the three sources applied together, each scaled by its coefficient."""
+    from ..demo import run_demo
+
+    report = run_demo(output, force=force, say=lambda message: app.note(message, quiet))
+    g = render.g
+    click.echo(render.table(["adapter", "rank", "norm", "NAN coefficient"], [[r.name, r.rank, g(r.norm), g(r.coefficient)] for r in report.adapters]))
+    click.echo(
+        f"\nmerged adapter: {report.merged} (rank {report.rank}, loaded with peft's PeftModel.from_pretrained)\n"
+        f"max |logits(merged) - logits(sources, scales x coefficients)| = {report.max_abs_difference:.2e}"
+        f" (the adapters move the logits by up to {report.max_abs_effect:.2f})\n"
+        f"the same merge from the command line (--force: over the demo's): {report.command} --force"
+    )
+
