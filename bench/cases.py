@@ -321,7 +321,92 @@ def fold(params: Mapping) -> Case:
     return Case(contenders, setup=setup, info=info, check=check, cleanup=lambda: shutil.rmtree(scratch, ignore_errors=True))
 
 
-CASES = {"norms": norms, "merge": merge, "fold": fold}
+# ----------------------------------------------------------------------------------------------------------
+# 5. Many adapters: norms, cat and svd for K adapters (a K sweep), against peft's dense svd and the floors
+
+
+def many(params: Mapping) -> Case:
+    """K = params["count"] adapters of rank r on `layers` layers of every projection: update_gram, combine cat
+    (exact) and combine svd to `rank` (truncation auto: exact for small R, randomized for large), against reading
+    every tensor once, the float64 GEMM rate, and peft's add_weighted_adapter(svd) on one q_proj module (dense:
+    about constant in K). The check compares each svd-truncated module's discarded norm with the optimum (the
+    singular values of the exact merge) on `check_modules` modules."""
+    shape, r, count, device = SHAPES[params["shape"]], params["r"], params["count"], params.get("device", "cpu")
+    projections, layers, rank = tuple(params.get("projections", PROJECTIONS)), params.get("layers", 1), params["rank"]
+    from nan_peft.coefficients import coefficients_for
+    from nan_peft.combine import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, combine as combine_updates, truncation_path
+    from nan_peft.norms import update_gram
+
+    adapters = lora_adapters(shape, r, count, projections, layers, device=device)
+    tensors = [t for a in adapters for m in a.modules.values() for t in (m.A, m.B)]
+    gram = update_gram(adapters, device)
+    coefficients = coefficients_for("nan", gram)
+    results = {}
+
+    def svd():
+        results["svd"] = combine_updates(adapters, coefficients, gram, "svd", rank, device)
+
+    contenders = {
+        "read floor (sum of every tensor)": lambda: [t.sum() for t in tensors],
+        "nan-peft update_gram (norms)": lambda: update_gram(adapters, device),
+        "nan-peft combine cat (exact)": lambda: combine_updates(adapters, coefficients, gram, "cat", None, device),
+        f"nan-peft combine svd to rank {rank}": svd,
+        "float64 GEMM rate probe": _gemm_probe(device, min(count * r, 1024)),
+    }
+    model = None
+    if params.get("peft", False):
+        model = peft_model(shape, r, count, ("q_proj",), 1, device)
+        names = [f"task{k}" for k in range(count)]
+        weights = coefficients.per_adapter.tolist()  # NAN's, one per adapter
+
+        def peft_merge():
+            if "merged" in model.peft_config:
+                model.delete_adapter("merged")
+            model.add_weighted_adapter(names, weights, "merged", combination_type="svd", svd_rank=rank)
+
+        contenders["peft add_weighted_adapter svd, 1 module (q_proj)"] = peft_merge
+    R = count * r
+    modules = shape.modules(projections, layers)
+    oversample, iterations = DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS
+    paths = {path: truncation_path(m, n, R, rank) for path, m, n in modules}
+
+    def check() -> dict:
+        import torch
+
+        from nan_peft.combine import stacked_factors, weighted_terms
+
+        if "svd" not in results:
+            svd()
+        _, report = results["svd"]
+        report = {x.module: x for x in report}
+        terms = weighted_terms(adapters, coefficients)
+        worst = 0.0
+        for path, _, _ in modules[: params.get("check_modules", len(modules))]:
+            B, A = stacked_factors(terms[path], device)
+            if R >= min(B.shape[0], A.shape[1]):
+                S = torch.linalg.svdvals(B @ A)
+            else:
+                S = torch.linalg.svdvals(torch.linalg.qr(B).R @ torch.linalg.qr(A.mT).R.mT)
+            optimum = float(S[rank:].square().sum().sqrt())  # 0 where R <= rank: then against the norm
+            worst = max(worst, abs(report[path].discarded - optimum) / (optimum or report[path].norm))
+        return {"max |discarded - optimal discarded| / optimal (svd)": worst,
+                "relative discarded norm (svd, first module)": report[modules[0][0]].relative_discarded}
+
+    flops = {
+        "gram_flops": sum(2 * (m + n) * R * R for _, m, n in modules),
+        "randomized_flops": sum(4 * (iterations + 1) * (m + n) * R * (rank + oversample) for _, m, n in modules),
+        "probe_flops": probe_flops(min(count * r, 1024), _probe_batch(device)),
+    }
+    info = {
+        "bytes": sum(t.numel() * t.element_size() for t in tensors), "modules": len(modules), "count": count, "R": R,
+        "rank": rank, "truncation": sorted(set(paths.values())), "output_bytes_per_layer_svd": sum((m + n) * rank * 4 for _, m, n in modules) // layers,
+        **flops,
+    }
+    warmup = () if count >= 64 else tuple(name for name in contenders if not name.startswith("peft"))
+    return Case(contenders, info=info, check=check, warmup=warmup)
+
+
+CASES = {"norms": norms, "merge": merge, "fold": fold, "many": many}
 
 
 def scratch_folder(root: str | None = None) -> Path:

@@ -71,6 +71,22 @@ def derive(section: str, entry: dict) -> dict:
         startup = _find(processes, "nan-peft --version")
         cat = _find(processes, "nan-peft merge (cat")
         ratios["cat: seconds after startup"] = cat["median"] - startup["median"] if cat and startup else None
+    elif section == "many":
+        probe = _median(times, "float64 GEMM rate probe")
+        rate = info["probe_flops"] / probe if probe else None
+        svd, norms = _median(times, "nan-peft combine svd"), _median(times, "nan-peft update_gram")
+        floor = _median(times, "read floor")
+        ratios["norms s"], ratios["cat s"], ratios["svd s"] = norms, _median(times, "nan-peft combine cat"), svd
+        ratios["peft svd s (1 module)"] = _median(times, "peft add_weighted_adapter")
+        ratios["peft / nan-peft svd time, per module"] = _ratio(ratios["peft svd s (1 module)"], svd / info["modules"] if svd else None)
+        ratios["norms / read floor"] = _ratio(norms, floor)
+        ratios["norms / float64 compute floor"] = _ratio(norms, info["gram_flops"] / rate) if rate else None
+        ratios["svd / read floor"] = _ratio(svd, floor)
+        ratios["svd / float64 compute floor (randomized flops)"] = _ratio(svd, info["randomized_flops"] / rate) if rate else None
+        ratios["svd peak MiB"] = (_find(peaks, "nan-peft combine svd") or 0) / MiB or None
+        ratios["svd s, whole model (x 32 layers)"] = svd * 32 if svd else None
+        ratios["svd peak MiB, whole model (+ 31 layers of output)"] = (
+            ratios["svd peak MiB"] + 31 * info["output_bytes_per_layer_svd"] / MiB if ratios["svd peak MiB"] else None)
     elif section == "fold":
         fold = _median(times, "nan-peft fold_into, 3 adapters")
         size = info["model_bytes"]
@@ -116,6 +132,21 @@ def targets(results: Mapping) -> list[dict]:
         if entry["params"].get("shape") == "llama-7b":
             add("svd", entry["case"], "svd merge >= 100x faster than peft's", entry["ratios"]["peft / nan-peft time"], 100.0, False)
             add("svd", entry["case"], "svd peak memory <= 1/10 of peft's", entry["ratios"]["nan-peft / peft peak memory"], 0.1, True)
+    many = {entry["params"].get("count"): entry for entry in sections.get("many", []) if entry["params"].get("shape") == "llama-7b"}
+    if 64 in many:
+        entry = many[64]
+        add("many", entry["case"], "K=64 svd merge to rank 64, whole 7B model (32 x this layer) under 60 s",
+            entry["ratios"]["svd s, whole model (x 32 layers)"], 60.0, True)
+        add("many", entry["case"], "K=64 svd merge peak memory under 2 GiB (whole model: + 31 layers of output), MiB",
+            entry["ratios"]["svd peak MiB, whole model (+ 31 layers of output)"], 2048.0, True)
+    if 16 in many and 256 in many:
+        s16, s256 = many[16]["ratios"]["svd s"], many[256]["ratios"]["svd s"]
+        add("many", "K=16 -> K=256", "svd time within 1.5x of linear in K from 16 to 256 (time ratio / 16)",
+            s256 / s16 / 16 if s16 and s256 else None, 1.5, True)
+    for count, entry in sorted(many.items()):
+        worst = entry.get("check", {}).get("max |discarded - optimal discarded| / optimal (svd)")
+        if "randomized" in entry["info"].get("truncation", []):
+            add("many", entry["case"], "randomized truncation within 1e-3 relative of the optimal discarded norm", worst, 1e-3, True)
     for entry in sections.get("cli", []):
         cat = _find(entry.get("processes", {}), "nan-peft merge (cat")
         if cat and entry["params"].get("shape") == "llama-7b":
@@ -167,6 +198,7 @@ TITLES = {
     "cat": "Exact merge (cat): nan-peft vs peft add_weighted_adapter(combination_type=\"cat\")",
     "cli": "Command line, end to end: read, norms, merge, write",
     "fold": "Fold into a base checkpoint (streaming), vs copying it and vs mergekit",
+    "many": "Many adapters: a K sweep of norms, cat and svd (randomized truncation at large R) vs peft's dense svd",
 }
 
 

@@ -1,4 +1,4 @@
-"""python -m bench [--quick] [--only norms,svd,cat,cli,fold] [--baseline REF]: speed and memory of nan-peft
+"""python -m bench [--quick] [--only norms,svd,cat,cli,fold,many] [--baseline REF]: speed and memory of nan-peft
 against peft, mergekit and the hardware, on synthetic adapters shaped like real ones.
 
 Writes bench/results/<machine>.json and bench/results/<machine>.md (the table the README quotes). Every
@@ -11,6 +11,8 @@ peak memory is measured contender by contender, each in a fresh process. Section
   cat    exact merge vs peft's combination_type="cat"
   cli    `nan-peft merge` of three Llama-7B-shaped adapters, end to end: wall time and peak memory
   fold   folding the merge into a base checkpoint vs copying the checkpoint, and vs mergekit's model+lora
+  many   a K sweep (4, 16, 64, 256 adapters; 4 and 16 with --quick) of Llama-7B-shaped rank-16 adapters on one layer's
+         7 modules: norms, cat and svd to rank 64 (randomized truncation where R is large) vs peft's dense svd
 
 --baseline REF times the nan_peft package of git revision REF beside the working tree's (before/after).
 The GPU is used too when one is present (norms, svd, cat and fold run on both; --devices picks, e.g.
@@ -38,7 +40,8 @@ from . import report  # noqa: E402
 from .measure import ROOT, load_average, machine, machine_slug, process_peak, run_worker  # noqa: E402
 from .worker import has_peak  # noqa: E402
 
-SECTIONS = ("norms", "svd", "cat", "cli", "fold")
+SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many")
+MANY = (4, 16, 64, 256)  # the K sweep (many); --quick runs the first two
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -71,6 +74,13 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
         out["fold"].append({"label": f"{fold_shape} bfloat16 base, 3 adapters r=16 on all 7 projections{on}", "case": "fold",
                             "params": {"shape": fold_shape, "r": 16, "repeat": 2 * repeat - 1,  # fsync times swing with the neighbours
                                        "commands_repeat": slow if device == "cpu" else 0, "device": device}})
+    for device in devices:
+        on = "" if device == "cpu" else f", on {device}"
+        for count in MANY[:2] if quick else MANY:
+            out["many"].append({"label": f"llama-7b r=16, K={count} adapters, 1 layer x 7 modules, svd to rank 64{on}", "case": "many",
+                                "params": {"shape": "llama-7b", "r": 16, "count": count, "rank": 64, "layers": 1, "device": device,
+                                           "repeat": 3 if count <= 16 else 2 if count <= 64 else 1, "peft": not quick,
+                                           "check_modules": 7 if count <= 64 else 1}})
     if "cpu" in devices:  # the command line's target is for the CPU
         out["cli"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each", "case": "cli",
                            "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
@@ -182,6 +192,7 @@ def tiny_plan(devices: list[str]) -> dict[str, list[dict]]:
         "cat": [{"label": "tiny", "case": "merge", "params": {**params, "combine": "cat", "projections": list(_all())}}],
         "cli": [{"label": "tiny", "case": "cli", "params": {**params, "repeat": 1}}],
         "fold": [{"label": "tiny", "case": "fold", "params": {**params, "repeat": 1}}],
+        "many": [{"label": f"tiny K={count}", "case": "many", "params": {**params, "count": count, "rank": 8, "peft": True}} for count in (4, 8)],
     }
 
 

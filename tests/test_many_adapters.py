@@ -168,8 +168,8 @@ def test_randomized_svd_of_a_zero_operator():
 
 
 def test_gram_of_many_adapters_equals_dense():
-    """update_gram at a K where R exceeds the blocked-Gram threshold: every pair's inner product, as dense."""
-    adapters = adapters_like(40, r=8, shapes={"q": (32, 24), "w": (16, 40)})  # R = 320
+    """update_gram of many adapters (R = 576, larger than m and n): every pair's inner product, as dense."""
+    adapters = adapters_like(72, r=8, shapes={"q": (32, 24), "w": (16, 40)})
     inner = update_gram(adapters).inner
     for m, path in enumerate(sorted(["q", "w"])):
         flat = torch.stack([a.modules[path].delta().reshape(-1) for a in adapters])
