@@ -11,7 +11,7 @@ from .errors import NanPeftError
 from .lora import LoraAdapter
 from .merge import MergeResult
 from .norms import UpdateGram
-from .reader import SAFETENSORS_NAME
+from .peft_format import SAFETENSORS_NAME
 from .record import module_entry
 from .serving import ENGINES, layer_index, loads, module_type, serving_findings
 

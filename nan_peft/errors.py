@@ -15,3 +15,9 @@ def one_line(text: str, limit: int = 60) -> str:
     """`text` escaped onto one line and cut to `limit` characters: config values and names can hold anything."""
     text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for a config value in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -106,15 +106,23 @@ def resolve(ref: HubRef, allow_patterns=None, ignore_patterns=None) -> Path:
     return folder
 
 
-def resolve_folder(text: str, **patterns) -> Path:
-    """The local folder of the Hub reference `text` (NanPeftError in one line when it is none or cannot be fetched)."""
-    ref = parse(text)
+def resolve_folder(path: str | os.PathLike, what: str, **patterns) -> Path:
+    """A local folder, or else a Hub reference (`org/name`, `org/name@revision`, `org/name/subfolder[@revision]`)
+    fetched through huggingface_hub (`patterns`: snapshot_download's allow_patterns / ignore_patterns, relative
+    to the subfolder); NanPeftError in one line otherwise. A local folder always wins, whatever its path looks
+    like. `what` says what the folder holds."""
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise NanPeftError(f"{path}: not a folder ({what})")
+    ref = parse(path) if isinstance(path, str) else None
     if ref is None:
-        raise NanPeftError(f"{text}: no such folder")
+        raise NanPeftError(f"{path}: no such folder")
     try:
         return resolve(ref, **patterns)
     except Exception as error:  # network, auth, missing repo / revision / subfolder: one line either way
-        raise NanPeftError(f"{text}: no such folder, and fetching it from the Hub failed ({type(error).__name__})") from None
+        raise NanPeftError(f"{path}: no such folder, and fetching it from the Hub failed ({type(error).__name__})") from None
 
 
 def provenance(text, folder: str | os.PathLike) -> dict | None:

@@ -14,7 +14,7 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, set_peft
 from .errors import NanPeftError
 from .lora import KEY_PREFIX, LoraAdapter, module_from_peft
 from .merge import MergeResult, merge_adapters
-from .reader import check_config
+from .policy import check_config
 from .writer import adapter_config, adapter_state_dict
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import prod
 
 import torch
+
+from .targeting import TASK_HEADS
 
 # How peft names the factors in a saved state dict, by layer kind. Embedding factors carry no ".weight".
 FACTOR_KEYS = {
@@ -15,6 +19,8 @@ FACTOR_KEYS = {
     "embedding": ("lora_embedding_A", "lora_embedding_B"),
 }
 KEY_PREFIX = "base_model.model."
+FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
+"""A LoRA factor's state-dict key: the module path, the factor, and what follows (".weight", ".bias", ...)."""
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -97,8 +103,6 @@ class LoraAdapter:
         classifier.out_proj.weight). Found with the config's modules_to_save and task type (reader.saved_module);
         a tensor they do not place is named by its parent module. A module inside another listed one is left
         out: wrapping the outer one saves it."""
-        from .reader import saved_module  # the reader imports this module
-
         paths = {saved_module(key, self.config) or key.removeprefix(KEY_PREFIX).rpartition(".")[0] for key in self.saved}
         return sorted(path for path in paths if not any(path.startswith(f"{other}.") for other in paths))
 
@@ -126,3 +130,25 @@ def module_from_peft(A: torch.Tensor, B: torch.Tensor, scale: float, kind: str, 
         b_tail=tuple(B.shape[2:]),
         fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def saved_module(key: str, config: Mapping) -> str | None:
+    """The module of modules_to_save that holds the tensor `key`, as a path without "base_model.model.", or None.
+
+    peft wraps every module whose path ends with a listed name (peft.utils.other._set_trainable; its task model
+    classes add their head names, TASK_HEADS) and saves the wrapped module's whole state dict, so the tensor
+    belongs to the outermost ancestor of its module (the module itself included) whose path ends with a name:
+    "classifier" for base_model.model.classifier.weight and for a RoBERTa head's classifier.dense.weight.
+    LoRA factors never belong to a saved module.
+    """
+    names = config.get("modules_to_save") or ()
+    names = [names] if isinstance(names, str) else [name for name in names if isinstance(name, str) and name]
+    names += TASK_HEADS.get(config.get("task_type"), ())
+    if not names or not key.startswith(KEY_PREFIX) or FACTOR_KEY.match(key):
+        return None
+    parts = key.removeprefix(KEY_PREFIX).split(".")[:-1]
+    for end in range(1, len(parts) + 1):
+        path = ".".join(parts[:end])
+        if any(path.endswith(name) for name in names):
+            return path
+    return None

@@ -6,42 +6,27 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
-import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from .errors import NanPeftError
-from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter, LoraModule, module_from_peft
-from .targeting import TASK_HEADS, ConfigProblem, check_fields, pattern_key, refusal
+from .errors import NanPeftError, first_line
+from .hub import resolve_folder
+from .lora import FACTOR_KEY, KEY_PREFIX, LoraAdapter, LoraModule, lora_scale, module_from_peft, saved_module
+from .peft_format import BIN_NAME, CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
+from .policy import TASK_TYPES, check_config
+from .targeting import ConfigProblem, pattern_key, refusal
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-CHECKSUM_KEY = "nan_peft.sha256"
-"""Safetensors metadata entry holding content_digest(); written by nan-peft, checked on read when present."""
-_DIGESTED_CONFIG = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+__all__ = ["BIN_NAME", "CHECKSUM_KEY", "CONFIG_NAME", "SAFETENSORS_NAME", "TASK_TYPES", "check_compatible", "check_config",
+           "content_digest", "read_adapter", "read_adapters", "saved_module"]
 
-# peft's TaskType values (tests check them against the installed peft): checking a config against this list
-# instead of importing peft keeps reading free of peft's and transformers' import time.
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-# init_lora_weights values whose training starts from a modified base model: the saved factors are not an
-# update of the original base unless peft converted them on save (it then resets init_lora_weights).
-# Not "mica": MiCA only sets B from the base's SVD and A to zero; the base stays as it is and the update is s*B@A.
-_BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-# The heads peft's task model classes add to modules_to_save whatever the config lists
-# (PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering).
-_TASK_HEADS = TASK_HEADS
 
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?P<rest>\..+)?$")
 _CARRIED_SUFFIX = ".base_layer.weight"  # a targeted embedding's full weight, saved by peft's save_embedding_layers
-_MODULE_NAME = re.compile(r"[\w.\-]+")
 
 
 def read_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
@@ -97,18 +82,6 @@ def read_adapters(
     return adapters
 
 
-def content_digest(tensors: Mapping[str, torch.Tensor], config: Mapping) -> str:
-    """sha256 of an adapter's content: every tensor's name, dtype, shape and bytes, and the config fields that
-    set the update's scale. Stored in the safetensors metadata (CHECKSUM_KEY) by the writer, so that a
-    corrupted or edited file is refused on read instead of loading different numbers."""
-    digest = hashlib.sha256(json.dumps({key: config.get(key) for key in _DIGESTED_CONFIG}, sort_keys=True).encode())
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def check_compatible(adapters: Sequence[LoraAdapter], allow_different_bases: bool = False) -> None:
     """Raise NanPeftError unless the adapters share a base model and agree on every shared module's shape."""
     bases = {a.base_model for a in adapters if a.base_model}
@@ -141,23 +114,6 @@ def check_compatible(adapters: Sequence[LoraAdapter], allow_different_bases: boo
                 )
 
 
-def resolve_folder(path: str | os.PathLike, what: str, **hub_patterns) -> Path:
-    """A local folder, or else a Hub reference (`org/name`, `org/name@revision`, `org/name/subfolder[@revision]`)
-    fetched through huggingface_hub (nan_peft.hub; `hub_patterns`: snapshot_download's allow_patterns /
-    ignore_patterns, relative to the subfolder); NanPeftError in one line otherwise. A local folder always wins,
-    whatever its path looks like. `what` says what the folder holds."""
-    folder = Path(path)
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise NanPeftError(f"{path}: not a folder ({what})")
-    if isinstance(path, str):
-        from . import hub
-
-        return hub.resolve_folder(path, **hub_patterns)
-    raise NanPeftError(f"{path}: no such folder")
-
-
 def _resolve(path: str | os.PathLike) -> Path:
     return resolve_folder(
         path, f"an adapter is a folder holding {CONFIG_NAME}", allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME]
@@ -186,28 +142,6 @@ def _read_folder(folder: Path, label: str) -> tuple[dict, dict[str, LoraModule],
     return config, modules, extras, saved, digests
 
 
-def saved_module(key: str, config: Mapping) -> str | None:
-    """The module of modules_to_save that holds the tensor `key`, as a path without "base_model.model.", or None.
-
-    peft wraps every module whose path ends with a listed name (peft.utils.other._set_trainable; its task model
-    classes add their head names, _TASK_HEADS) and saves the wrapped module's whole state dict, so the tensor
-    belongs to the outermost ancestor of its module (the module itself included) whose path ends with a name:
-    "classifier" for base_model.model.classifier.weight and for a RoBERTa head's classifier.dense.weight.
-    LoRA factors never belong to a saved module.
-    """
-    names = config.get("modules_to_save") or ()
-    names = [names] if isinstance(names, str) else [name for name in names if isinstance(name, str) and name]
-    names += _TASK_HEADS.get(config.get("task_type"), ())
-    if not names or not key.startswith(KEY_PREFIX) or _KEY.match(key):
-        return None
-    parts = key.removeprefix(KEY_PREFIX).split(".")[:-1]
-    for end in range(1, len(parts) + 1):
-        path = ".".join(parts[:end])
-        if any(path.endswith(name) for name in names):
-            return path
-    return None
-
-
 def _file_states(folder: Path) -> tuple:
     """Identity of the files read (inode, size, mtime): a folder republished between reading the config and
     the weights (publish_folder swaps whole folders) changes it, and the read starts over."""
@@ -234,94 +168,16 @@ def _read_config(folder: Path, label: str, digests: dict[str, str]) -> dict:
         digests[CONFIG_NAME] = hashlib.sha256(data).hexdigest()
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise NanPeftError(f"{label}: {CONFIG_NAME} is unreadable ({_first_line(error)})") from None
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is unreadable ({first_line(error)})") from None
     try:
         config = json.loads(text)
     except ValueError as error:
-        raise NanPeftError(f"{label}: {CONFIG_NAME} is not valid JSON ({_first_line(error)})") from None
+        raise NanPeftError(f"{label}: {CONFIG_NAME} is not valid JSON ({first_line(error)})") from None
     except RecursionError:
         raise NanPeftError(f"{label}: {CONFIG_NAME} is nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise NanPeftError(f"{label}: {CONFIG_NAME} is not a JSON object")
     return config
-
-
-def check_config(config: dict, label: str) -> None:
-    """Raise NanPeftError, naming `label`, unless the config describes a plain LoRA update s * B @ A."""
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise NanPeftError(f"{label}: peft_type is {_short(peft_type)}; only LoRA adapters (peft_type 'LORA') can be merged")
-    refusals = [
-        (config.get("use_dora"), "DoRA adapters (use_dora) rescale the whole weight; their update is not s*B@A"),
-        (config.get("lora_bias"), "lora_bias adapters carry a trained bias the merge would drop"),
-        (config.get("bias", "none") != "none", f"bias={_short(config.get('bias'))} adapters carry trained biases the merge would drop"),
-        (config.get("trainable_token_indices"), "adapters with trainable_token_indices carry token embeddings that cannot be averaged"),
-        (config.get("target_parameters"), "adapters with target_parameters (LoRA on raw parameters) are not supported"),
-        (config.get("alora_invocation_tokens"), "activated LoRA (alora_invocation_tokens) applies only after its invocation tokens"),
-        (config.get("use_qalora"), "QA-LoRA adapters (use_qalora) pool their inputs; their update is not s*B@A"),
-        (config.get("arrow_config"), "Arrow-routed adapters are not a single update"),
-        (config.get("use_bdlora"), "block-diagonal LoRA (use_bdlora) saves its factors in a compact layout; their update is not s*B@A"),
-        (config.get("kasa_config"), "KaSA adapters (kasa_config) truncate the base weight and add a learned diagonal; their update is not s*B@A"),
-        (config.get("layer_replication"), "adapters with layer_replication adapt a model with repeated layers; their modules do not map onto the base"),
-        (config.get("enable_lora"), "adapters with enable_lora are peft 0.2's MergedLinear format, which current peft cannot load"),
-    ]
-    for refused, why in refusals:
-        if refused:
-            raise NanPeftError(f"{label}: {why}")
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
-        raise NanPeftError(
-            f"{label}: init_lora_weights={_short(init)} trains against a modified base model; save it with peft's "
-            "path_initial_model_for_weight_conversion to get a plain LoRA update first"
-        )
-    # peft tuners/lora/layer.py update_layer: r sizes the factors (an int, `r <= 0` raises); alpha only scales
-    if not _positive_int(config.get("r")):
-        raise NanPeftError(f"{label}: {CONFIG_NAME} has r={_short(config.get('r'))}; expected a positive integer")
-    if not _positive_number(config.get("lora_alpha")):
-        raise NanPeftError(f"{label}: {CONFIG_NAME} has lora_alpha={_short(config.get('lora_alpha'))}; expected a positive number")
-    for key in ("use_rslora", "fan_in_fan_out"):
-        if not isinstance(config.get(key, False), (bool, type(None))):
-            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected true or false")
-    for key in ("base_model_name_or_path", "revision", "task_type"):
-        if not isinstance(config.get(key), (str, type(None))):
-            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(config.get(key))}; expected a string")
-    saved = config.get("modules_to_save")
-    # a list (peft tuners/lora/config.py); peft iterates a string's characters as names (peft_model.py, utils/other.py)
-    if saved and not (isinstance(saved, list) and all(isinstance(n, str) and _MODULE_NAME.fullmatch(n) for n in saved)):
-        raise NanPeftError(f"{label}: {CONFIG_NAME} has modules_to_save ({_listed(saved)}); expected a list of module names")
-    if config.get("task_type") is not None and config["task_type"] not in TASK_TYPES:
-        raise NanPeftError(f"{label}: {CONFIG_NAME} has task_type={_short(config['task_type'])}, which peft does not know")
-    for key in ("rank_pattern", "alpha_pattern"):
-        # peft tuners/lora/model.py _create_and_replace calls .keys() on both (null or a list crashes it); a rank is r
-        pattern, valid, expected = config.get(key, {}), (_positive_int if key == "rank_pattern" else _positive_number), (
-            "a positive integer" if key == "rank_pattern" else "a positive number")
-        if not isinstance(pattern, dict):
-            raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}={_short(pattern)}; expected an object mapping module patterns to numbers")
-        for name, value in pattern.items():
-            if not valid(value):
-                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key}[{_short(name)}]={_short(value)}; expected {expected}")
-            try:
-                re.compile(rf"(.*\.)?({name})$")
-            except re.error as error:
-                raise NanPeftError(f"{label}: {CONFIG_NAME} has {key} key {_short(name)}, not a valid pattern ({error})") from None
-    try:
-        check_fields(config)
-    except ConfigProblem as problem:
-        raise NanPeftError(f"{label}: {CONFIG_NAME} has {problem}") from None
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _positive_number(value) -> bool:
-    """A positive, finite int or float (not a bool); JSON allows NaN, Infinity and integers too large for a float."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return 0 < float(value) < math.inf
-    except OverflowError:
-        return False
 
 
 def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -334,7 +190,7 @@ def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str
             (length,) = struct.unpack("<Q", data[:8])
             metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
         except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as error:
-            raise NanPeftError(f"{label}: {SAFETENSORS_NAME} is unreadable ({_first_line(error)})") from None
+            raise NanPeftError(f"{label}: {SAFETENSORS_NAME} is unreadable ({first_line(error)})") from None
         if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != content_digest(tensors, config):
             raise NanPeftError(
                 f"{label}: {SAFETENSORS_NAME} and {CONFIG_NAME} do not match the checksum nan-peft wrote "
@@ -348,7 +204,7 @@ def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str
             digests[BIN_NAME] = hashlib.sha256(data).hexdigest()
             tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # weights_only refuses code; any failure is a bad file
-            raise NanPeftError(f"{label}: {BIN_NAME} is unreadable or not plain tensors ({_first_line(error)})") from None
+            raise NanPeftError(f"{label}: {BIN_NAME} is unreadable or not plain tensors ({first_line(error)})") from None
         if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in tensors.items()):
             raise NanPeftError(f"{label}: {BIN_NAME} is not a state dict of tensors")
         return tensors
@@ -358,7 +214,7 @@ def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str
 def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label: str) -> dict[str, LoraModule]:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
+        match = FACTOR_KEY.match(key)
         if match is None:
             raise NanPeftError(f"{label}: unexpected tensor {key!r} (only lora_A / lora_B factors are supported)")
         # Exactly the keys peft loads: any other form it skips, and the adapter is a no-op there in peft.
@@ -420,7 +276,7 @@ def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict
         if not torch.isfinite(tensor).all():
             raise NanPeftError(f"{label}: module {path} {factor} holds NaN or Inf")
     alpha = _pattern_value(config, "alpha_pattern", path, config["lora_alpha"])
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    scale = lora_scale(alpha, r, bool(config.get("use_rslora")))
     bound = scale * float(torch.linalg.vector_norm(A, dtype=torch.float64)) * float(torch.linalg.vector_norm(B, dtype=torch.float64))
     if not bound < _MAX_UPDATE_NORM:
         raise NanPeftError(
@@ -484,18 +340,3 @@ def _describe(signature: tuple) -> str:
     return f"{kind} {shape}"
 
 
-def _listed(value) -> str:
-    text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    text = text.encode("unicode_escape").decode("ascii")  # one line, whatever the config holds
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _short(value, limit: int = 60) -> str:
-    """repr() on one line, cut to `limit` characters: config values can be anything."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

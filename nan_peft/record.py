@@ -14,9 +14,9 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import hub
+from . import __version__, hub
 from .merge import MergeResult
-from .reader import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from .peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from .serving import PROFILES, loads, written_findings
 
 RECORD_NAME = "merge_record.json"
@@ -72,8 +72,6 @@ def merge_record(
     `inputs` holds one input_entry per source, in order; `options` adds to result.options what the library does not
     know (the device the merge ran on); `recipe` is the YAML recipe's content when one was used.
     """
-    from . import __version__
-
     names = list(result.gram.adapter_names)
     coefficients = result.coefficients
     per_adapter = coefficients.per_adapter
@@ -192,7 +190,6 @@ def model_card(result: MergeResult, record: Mapping, output: str) -> str:
     """README.md for the merged adapter: what went in, with which coefficients, and how to load it with peft."""
     base = result.adapter.base_model
     options = record["options"]
-    coefficients = record["coefficients"]
     combine = options.get("combine", "cat")
     how = (
         "exactly (the factors are concatenated, rank = sum of the ranks)"

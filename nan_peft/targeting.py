@@ -20,6 +20,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from .errors import one_line
+from .errors import shown as _shown
+
 ALL_LINEAR = "all-linear"  # peft utils/constants.py INCLUDE_LINEAR_LAYERS_SHORTHAND, compared lower-cased
 # Heads peft's task model classes add to modules_to_save before injecting the adapter (peft peft_model.py,
 # PeftModelForSequenceClassification / ForTokenClassification / ForQuestionAnswering __init__).
@@ -199,10 +202,4 @@ def _is_int(value) -> bool:
 
 
 def _listed(value) -> str:
-    text = ", ".join(map(str, value)).encode("unicode_escape").decode("ascii")  # one line, whatever it holds
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _shown(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(", ".join(map(str, value)))

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .errors import NanPeftError
 from .gram import pad_rank
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter
-from .reader import CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
+from .peft_format import CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
 
 _HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 """This host, in the names of publish_folder's temporaries: only this host can tell whether their writer lives."""

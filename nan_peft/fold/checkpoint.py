@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NanPeftError, first_line
-from ..reader import resolve_folder
+from ..hub import resolve_folder
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
