@@ -27,7 +27,7 @@ import torch
 from ..devices import resolve_device
 from ..errors import NanPeftError
 from ..writer import check_file_names, check_output, publish_folder, write_files
-from .checkpoint import CONFIG_NAME, INDEX_NAME, copy_other_files, read_checkpoint, read_header, resolve_base
+from .checkpoint import MODEL_CONFIG_NAME, INDEX_NAME, copy_other_files, read_checkpoint, read_header, resolve_base
 from .placed import fold_placed, load_placed, save_placed
 from .plan import FoldPlan, plan_fold, resolve_tensor
 from .stream import module_update, row_factors, write_streaming
@@ -89,7 +89,7 @@ def fold_into(
         def write_weights(tmp: Path) -> None:
             save_placed(model, plan, tmp)
 
-    check_file_names(extra_files or {}, reserved=(*plan.checkpoint.files, CONFIG_NAME, INDEX_NAME))
+    check_file_names(extra_files or {}, reserved=(*plan.checkpoint.files, MODEL_CONFIG_NAME, INDEX_NAME))
 
     def write_all(tmp: Path) -> None:
         write_weights(tmp)

@@ -18,7 +18,7 @@ from ..hub import resolve_folder
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
+MODEL_CONFIG_NAME = "config.json"
 # Files that hold weights (in any format): never copied into the output, where they would be stale.
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)(\.index\.json)?$")
 # Bytes per element of the safetensors dtypes; a folded weight must be one of FLOATS.
@@ -58,7 +58,7 @@ def resolve_base(base: str | os.PathLike) -> Path:
     """The base model's folder: a local folder, or a Hub id fetched (weights in safetensors only)."""
     return resolve_folder(
         base,
-        f"the base model is a folder holding {CONFIG_NAME} and safetensors weights",
+        f"the base model is a folder holding {MODEL_CONFIG_NAME} and safetensors weights",
         ignore_patterns=["*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "original/*"],
     )
 
@@ -153,7 +153,7 @@ def copy_other_files(folder: Path, tmp: Path) -> None:
     """Copy the base folder's top-level files that are not weights (tokenizer, generation config, ...)."""
     for source in sorted(folder.iterdir()):
         name = source.name
-        if name.startswith(".") or name == CONFIG_NAME or WEIGHT_FILE.fullmatch(name) or not source.is_file():
+        if name.startswith(".") or name == MODEL_CONFIG_NAME or WEIGHT_FILE.fullmatch(name) or not source.is_file():
             continue
         shutil.copyfile(source, tmp / name)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import NanPeftError, first_line
-from .checkpoint import CONFIG_NAME, FLOATS, read_checkpoint, shape_text
+from .checkpoint import MODEL_CONFIG_NAME, FLOATS, read_checkpoint, shape_text
 from .plan import FoldPlan
 from .stream import float_delta, folded_weight
 
@@ -25,7 +25,7 @@ def load_placed(plan: FoldPlan, device_map, max_memory):
 
     if isinstance(device_map, Mapping) and "disk" in device_map.values():
         raise NanPeftError(_DISK_REFUSAL)
-    config = plan.checkpoint.folder / CONFIG_NAME
+    config = plan.checkpoint.folder / MODEL_CONFIG_NAME
     architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     model_class = model_class or transformers.AutoModelForCausalLM
@@ -105,7 +105,7 @@ def save_placed(model, plan: FoldPlan, tmp: Path) -> None:
     (an extra prediction layer) or initialises ones the checkpoint lacks."""
     largest = max(sum(e.end - e.begin for e in plan.checkpoint.tensors.values() if e.file == file) for file in plan.checkpoint.files)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=largest)
-    (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     saved, expected = read_checkpoint(tmp).tensors, {name: plan.checkpoint.tensors[source] for name, source in plan.sources.items()}
     instead = "fold without device_map (the streaming path writes every tensor as stored)"
     for names, what in ((sorted(expected.keys() - saved.keys()), "leaves out"), (sorted(saved.keys() - expected.keys()), "adds")):

@@ -14,7 +14,7 @@ import torch
 from ..errors import NanPeftError
 from ..lora import KEY_PREFIX, LoraModule
 from .architecture import Architecture, architecture, tied_groups
-from .checkpoint import CONFIG_NAME, FLOATS, Checkpoint, read_checkpoint, read_json, resolve_base, shape_text
+from .checkpoint import MODEL_CONFIG_NAME, FLOATS, Checkpoint, read_checkpoint, read_json, resolve_base, shape_text
 
 if TYPE_CHECKING:
     from ..merge import MergeResult
@@ -64,9 +64,9 @@ def plan_fold(result: MergeResult, base: str | os.PathLike) -> FoldPlan:
     """Check that `result` fits the base model and decide every tensor written, before anything is written."""
     folder = resolve_base(base)
     checkpoint = read_checkpoint(folder)
-    config = read_json(folder / CONFIG_NAME, f"{folder.name}/{CONFIG_NAME}") if (folder / CONFIG_NAME).is_file() else None
+    config = read_json(folder / MODEL_CONFIG_NAME, f"{folder.name}/{MODEL_CONFIG_NAME}") if (folder / MODEL_CONFIG_NAME).is_file() else None
     if not isinstance(config, dict):
-        raise NanPeftError(f"{folder}: missing or invalid {CONFIG_NAME}")
+        raise NanPeftError(f"{folder}: missing or invalid {MODEL_CONFIG_NAME}")
     built = architecture(config)
     groups = None if built is None else built.tied
     # Planned in the names the model class gives the tensors (where peft's module paths point), written in the

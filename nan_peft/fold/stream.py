@@ -19,7 +19,7 @@ from ..combine import dense_updates, stacked_factors, weighted_terms
 from ..errors import NanPeftError
 from ..lora import LoraModule
 from ..rules import LOW_RANK
-from .checkpoint import CONFIG_NAME, FLOATS, INDEX_NAME, ITEMSIZE, StoredTensor, copy_range, flush, numel, read_into, read_tensor, write_all
+from .checkpoint import MODEL_CONFIG_NAME, FLOATS, INDEX_NAME, ITEMSIZE, StoredTensor, copy_range, flush, numel, read_into, read_tensor, write_all
 from .plan import FoldPlan
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def write_streaming(plan: FoldPlan, result: MergeResult, rule: str, options: Map
             metadata["total_parameters"] += sum(numel(checkpoint.tensors[source].shape) for source in split)
         index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_shard(plan, file, names, result, rule, options, device, target: Path) -> int:
