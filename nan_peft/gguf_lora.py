@@ -28,7 +28,8 @@ import torch
 
 from .errors import NanPeftError
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter
-from .writer import adapter_config, adapter_state_dict, check_file_names, publish_folder, servable_rank, write_files
+from .publish import check_file_names, publish_folder, write_files
+from .writer import adapter_config, adapter_state_dict, servable_rank
 
 GGUF_NAME = "adapter_model.gguf"
 """The file written into the output folder (llama.cpp's `--lora FILE`, Ollama's `ADAPTER FILE`)."""

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from models import LLAMA, make_adapter
 from nan_peft import LoraAdapter, LoraModule, NanPeftError, merge_adapters, read_adapter, read_adapters, update_gram, write_adapter
 from nan_peft.reader import CHECKSUM_KEY
-from nan_peft.writer import _HOST, publish_folder, remove_stale_temporaries
+from nan_peft.publish import _HOST, publish_folder, remove_stale_temporaries
 from oracle import load_sources, peft_deltas
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

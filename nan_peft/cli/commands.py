@@ -38,7 +38,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     from ..merge import merge_sources
     from ..output import OptionConflict, check_combination, deployment_options, gguf_base_config, write_merge
     from ..record import input_entries, merge_record
-    from ..writer import check_output
+    from ..publish import check_output
 
     recipe_data = app.load_recipe(recipe) if recipe else {}
     try:

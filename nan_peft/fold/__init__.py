@@ -26,7 +26,7 @@ import torch
 
 from ..devices import resolve_device
 from ..errors import NanPeftError
-from ..writer import check_file_names, check_output, publish_folder, write_files
+from ..publish import check_file_names, check_output, publish_folder, write_files
 from .checkpoint import MODEL_CONFIG_NAME, INDEX_NAME, copy_other_files, read_checkpoint, read_header, resolve_base
 from .placed import fold_placed, load_placed, save_placed
 from .plan import FoldPlan, plan_fold, resolve_tensor
