@@ -18,12 +18,13 @@ from .fold import fold_into
 from .lora import LoraAdapter
 from .norms import UpdateGram, update_gram
 from .reader import read_adapters
+from .spec import HEADS as spec_heads
 from .spec import MergeSpec
 from .serving import ServingPlan, Target, plan_for
 from .writer import write_adapter
 
 AdapterLike = str | os.PathLike | LoraAdapter
-HEADS = ("drop", "per_task", "keep")
+HEADS = tuple(mode.replace("-", "_") for mode in spec_heads)  # the CLI's per-task is per_task in Python; both are taken
 
 
 @dataclass
@@ -84,6 +85,7 @@ class MergeResult:
 
     def notices(self, heads: str = "drop") -> list[str]:
         """What saving with `heads` leaves out, in words (empty when nothing is)."""
+        heads = heads.replace("-", "_")
         carried = sorted({m for a in self.sources for m in a.saved_modules})
         if not carried or heads == "per_task" or (heads == "keep" and not self.heads):
             return []
@@ -95,6 +97,7 @@ class MergeResult:
     def adapter_for(self, heads: str = "drop") -> LoraAdapter:
         """The adapter save_pretrained writes at the top of its folder for `heads` (see there): the merged LoRA,
         with the saved modules all sources share when heads is "keep"."""
+        heads = heads.replace("-", "_")
         if heads not in HEADS:
             raise NanPeftError(f"unknown heads {heads!r}; choose from {', '.join(HEADS)}")
         if heads != "keep":
@@ -124,6 +127,7 @@ class MergeResult:
         one the engine serves as peft does, tensors it refuses left out) and refuses, writing nothing, when
         the engine still could not serve it.
         """
+        heads = heads.replace("-", "_")
         adapter = self.adapter_for(heads)
         subfolders = self.task_adapters() if heads == "per_task" else {}
         rank = None

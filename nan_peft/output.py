@@ -35,7 +35,7 @@ def write_merge(result: MergeResult, output: str | os.PathLike, spec: OutputSpec
                 base_config: Mapping | None = None) -> Written:
     """Write `result` as `spec` says, with the merge record (`record`, whose rank and deployment this sets to what
     is written) and the model card beside it. base_config: the base model's config.json for format "gguf"."""
-    heads = spec.heads.replace("-", "_")
+    heads = spec.heads  # "per-task" as the CLI spells it; MergeResult takes either spelling
     adapter = result.adapter_for(heads)
     plan, notes = None, []
     if spec.serve is not None:

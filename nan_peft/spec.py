@@ -23,7 +23,7 @@ from .combine import default_combine
 from .coefficients import PROVIDERS
 from .devices import resolve_device
 from .errors import NanPeftError
-from .registry import checked_options, effective_options
+from .registry import effective_options
 from .rules import RULES, rule_options
 from .serving import ENGINES, Target
 
@@ -118,10 +118,6 @@ class MergeSpec:
     def provider_given(self) -> dict:
         """The coefficient provider's options as coefficients_for takes them."""
         return {"weights": self.weights, "granularity": self.granularity, "exponent": self.exponent, "total": self.total}
-
-    def check_provider(self) -> None:
-        """NanPeftError for options the coefficient provider does not take (exponent with uniform, ...)."""
-        checked_options("coefficients", PROVIDERS, self.coefficients, 1, {k: v for k, v in self.provider_given.items() if k != "weights" or v is not None})
 
     def effective_rule_options(self) -> dict:
         """The merge rule's options as it uses them: given, else its defaults (seed only for random rules)."""
