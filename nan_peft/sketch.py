@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .gram import _scaled_cholesky
+
 Apply = Callable[[torch.Tensor], torch.Tensor]
 """X (..., n, l) -> M @ X (..., m, l), or Y (..., m, l) -> M^T @ Y (..., n, l)."""
 
@@ -50,19 +52,29 @@ def randomized_svd(
     L diag(S_k) Rt = Q W_k W_k^T Q^T M, an orthogonal projection of M, however well W_k was resolved. S holds
     every singular value of Q^T M, largest first: sum(S^2) = ||Q^T M||_F^2 and
     ||M - L diag(S_k) Rt||_F^2 = ||M||_F^2 - sum(S[:k]^2). Signs as gram.canonical_signs picks them (the largest
-    entry of each column of L positive). Everything is BLAS-3 (Cholesky QR, a c x c eigenproblem): Householder QR
+    entry of each column of L positive). The products run in omega's dtype (float32 halves their cost), the bases, the c x c
+eigenproblem and the results in float64 (a float32 Cholesky QR loses the range of a rank-deficient block, and
+squaring C in float32 would blur singular values closer than 1e-4 apart). Everything is BLAS-3 (Cholesky QR, a c x c eigenproblem): Householder QR
     and the SVD of a tall matrix cost more here than the products themselves."""
-    blocks: list[torch.Tensor] = []
+    Y = apply(omega)
+    wide = torch.promote_types(omega.dtype, torch.float64)
+    most = min(Y.shape[-2], (power_iterations + 1) * omega.shape[-1])
+    basis = Y.new_empty((*Y.shape[:-1], most), dtype=wide)  # [Q_0 | Q_1 | ...], filled block by block
     products: list[torch.Tensor] = []
-    X = omega
-    for _ in range(power_iterations + 1):
-        Q = orthonormal_basis(apply(X), torch.cat(blocks, -1) if blocks else None)
+    used = 0
+    for step in range(power_iterations + 1):
+        if step:
+            Y = apply(X.to(omega.dtype))
+        Q = orthonormal_basis(Y, basis[..., :used] if used else None)
         if Q.shape[-1] == 0:
             break
-        blocks.append(Q)
-        products.append(apply_t(Q))
-        X = orthonormal_basis(products[-1])
-    Q, Ct = torch.cat(blocks, -1), torch.cat(products, -1)
+        basis[..., used : used + Q.shape[-1]] = Q
+        used += Q.shape[-1]
+        products.append(apply_t(Q.to(omega.dtype)))
+        if step < power_iterations:
+            X = orthonormal_basis(products[-1], passes=1)  # the next block's input: any well-conditioned basis
+    Q, Ct = basis[..., :used], torch.cat(products, -1).to(wide)  # the small eigenproblem in float64 whatever the products'
+
     values, W = torch.linalg.eigh(Ct.mT @ Ct)  # ascending
     values, W = values.flip(-1), W.flip(-1)
     S = values.clamp_min(0).sqrt()
@@ -75,38 +87,37 @@ def randomized_svd(
     return L * sign, S, Rt * sign.mT
 
 
-# orthonormal_basis accepts a Cholesky QR whose basis is orthonormal to this (max |Q^T Q - I|); else Householder
-ORTHONORMAL_TOLERANCE = 1e-12
+# orthonormal_basis trusts Cholesky QR where a bound on the condition number of the Jacobi-scaled Gram Y^T Y stays
+# below this (cond(Y) below ~1e4): its first pass then leaves Q orthonormal to ~1e-8 and the second to rounding.
+CHOLESKY_QR_CONDITION = 1e8
 
 
-def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., m, c): an orthonormal basis of the span of Y's columns with the span of `before` (an orthonormal
-    (..., m, b) basis, or None) projected out; c = Y's columns, or fewer where m - b leaves less room.
+def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None, passes: int = 2) -> torch.Tensor:
+    """(..., m, c) in float64: an orthonormal basis of the span of Y's columns with the span of `before` (an
+    orthonormal float64 (..., m, b) basis, or None) projected out; c = Y's columns, or fewer where m - b leaves less
+    room.
 
-    Cholesky QR twice (Y^T Y = L L^T, Y L^-T; the second pass makes the first orthonormal to rounding), with the
-    projection repeated before each pass (classical Gram-Schmidt twice). Where a Cholesky factor fails or the
-    result is not orthonormal to ORTHONORMAL_TOLERANCE (Y of lower rank than its columns, or too ill-conditioned)
-    Householder QR does the same passes instead: its Q is orthonormal whatever Y's rank."""
+    Cholesky QR twice (Y D = Q L^T from the Jacobi-scaled Gram D Y^T Y D = L L^T, as gram.truncation_from_grams
+    does; the second pass makes the first orthonormal to rounding), with the projection repeated before each pass
+    (classical Gram-Schmidt twice; passes=1: one pass, orthonormal to ~1e-8 only). Where a Cholesky factor fails or the scaled Gram's condition bound passes
+    CHOLESKY_QR_CONDITION (Y of lower rank than its columns, or ill-conditioned), Householder QR does the same passes
+    instead: its Q is orthonormal whatever Y's rank. BLAS-3 on the fast path: Householder QR of a tall block costs
+    more here than the products that made it."""
+    Y = Y.to(torch.promote_types(Y.dtype, torch.float64))
     room = Y.shape[-2] - (before.shape[-1] if before is not None else 0)
     Y = Y[..., : max(0, min(Y.shape[-1], room))]
     if Y.shape[-1] == 0:
         return Y
-    Q, ok = Y, torch.ones((), dtype=torch.bool, device=Y.device)
-    for _ in range(2):
+    Q = Y
+    for _ in range(passes):
         if before is not None:
             Q = Q - before @ (before.mT @ Q)
-        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
-        ok = ok & (info == 0).all()
-        if not ok:
+        L, ok, scale = _scaled_cholesky(Q.mT @ Q, CHOLESKY_QR_CONDITION)
+        if not bool(ok.all()):
             break
-        Q = torch.linalg.solve_triangular(L, Q.mT, upper=False).mT
-    if ok:
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        error = (Q.mT @ Q - eye).abs().amax()
-        if before is not None:
-            error = torch.maximum(error, (before.mT @ Q).abs().amax())
-        if bool(error <= ORTHONORMAL_TOLERANCE):
-            return Q
+        Q = torch.linalg.solve_triangular(L, (Q * scale.mT).mT, upper=False).mT
+    else:
+        return Q
     Q = Y
     for _ in range(2):
         if before is not None:
