@@ -1,6 +1,7 @@
 """Writing a merge, in one call from one plan: the adapter for the heads asked for, fitted to a serving engine,
 the record and card describing exactly what is written, published atomically (a peft folder, or a GGUF file
-for llama.cpp); or the full model when folding. The command line only parses and renders around this."""
+for llama.cpp: write_merge); or the full model when folding (fold_merge). The command line only parses and
+renders around these."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import NanPeftError
+from .fold import parse_max_memory, resolve_base
 from .gguf_lora import gguf_architecture, read_base_config, write_gguf_lora
+from .hub import provenance
 from .merge import MergeResult
 from .record import provenance_files
 from .serving import ServingPlan, plan_for, target_for
@@ -54,6 +57,19 @@ def write_merge(result: MergeResult, output: str | os.PathLike, spec: OutputSpec
         else:
             folder = result.save_pretrained(output, overwrite=overwrite, extra_files=files, heads=heads, serve=plan)
     return Written(folder, plan, notes)
+
+
+def fold_merge(result: MergeResult, output: str | os.PathLike, spec: FoldSpec, record: dict, *, overwrite: bool = False) -> Path:
+    """Fold `result` into the base model `spec` names (resolved once: the folder folded is the commit recorded),
+    with the record and a model card for the full model beside it."""
+    record["options"]["fold_into"] = spec.fold_into
+    base = resolve_base(spec.fold_into)
+    base_source = provenance(spec.fold_into, base)
+    if base_source is not None:
+        record["fold_into_hub"] = base_source
+    memory = parse_max_memory(spec.max_memory) if spec.max_memory else None
+    return result.fold_into(base, output, device=result.spec.device, device_map=spec.device_map, max_memory=memory,
+                            overwrite=overwrite, extra_files=provenance_files(result, record, str(output)))
 
 
 def deployment_options(spec: OutputSpec) -> dict:

@@ -36,7 +36,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     """
     from ..describe import merge_document
     from ..merge import merge_sources
-    from ..output import OptionConflict, check_combination, deployment_options, gguf_base_config, write_merge
+    from ..output import OptionConflict, check_combination, deployment_options, fold_merge, gguf_base_config, write_merge
     from ..record import input_entries, merge_record
     from ..publish import check_output
 
@@ -65,7 +65,12 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     extra = {"device": spec.device, "heads": out.heads, "serve": out.serve, **deployment_options(out)}
     record = merge_record(result, input_entries(paths, sources), command, extra, recipe=recipe_data or None)
     if fold.fold_into is not None:
-        written = _fold(result, fold, record, output, force, quiet)
+        if fold.device_map and (quiet or not sys.stderr.isatty()):  # transformers' own loading/saving bars
+            from transformers.utils.logging import disable_progress_bar
+
+            disable_progress_bar()
+        with stage(f"folding into {fold.fold_into}: {output}", quiet):
+            written = fold_merge(result, output, fold, record, overwrite=force)
     else:
         with stage(f"writing {output}", quiet):
             done = write_merge(result, output, out, record, overwrite=force, base_config=base_config)
@@ -74,27 +79,6 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         written = done.folder
     document = merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     render.print_json(document) if as_json else click.echo(render.merge_text(document, output))
-
-
-def _fold(result, fold: FoldSpec, record: dict, output: str, force: bool, quiet: bool) -> Path:
-    """--fold-into: the base resolved once (the folder folded is the commit recorded), then the fold."""
-    from ..fold import parse_max_memory, resolve_base
-    from ..hub import provenance
-    from ..record import provenance_files
-
-    record["options"]["fold_into"] = fold.fold_into
-    base = resolve_base(fold.fold_into)
-    base_source = provenance(fold.fold_into, base)
-    if base_source is not None:
-        record["fold_into_hub"] = base_source
-    memory = parse_max_memory(fold.max_memory) if fold.max_memory else None
-    if fold.device_map and (quiet or not sys.stderr.isatty()):  # transformers' own loading/saving bars
-        from transformers.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    with stage(f"folding into {fold.fold_into}: {output}", quiet):
-        return result.fold_into(base, output, device=result.spec.device, device_map=fold.device_map, max_memory=memory,
-                                overwrite=force, extra_files=provenance_files(result, record, output))
 
 
 @cli.command(short_help="Norms, cosine similarities and the coefficients each option gives.")
