@@ -16,7 +16,8 @@ from .errors import NanPeftError
 from .gram import canonical_signs, pad_rank, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
 from .lora import LoraAdapter, LoraModule
 from .norms import UpdateGram, factor_grams
-from .rules import LOW_RANK, RULES, module_generator, rule_options
+from .core_space import core_merges
+from .rules import LOW_RANK, RULES, SPECTRAL, in_core_space, module_generator, rule_options
 from .sketch import factored, randomized_svd, seeded_gaussians
 
 COMBINES = ("cat", "svd")
@@ -141,8 +142,8 @@ def stacked_factors(
 
 
 def default_combine(rule: str) -> str:
-    """cat for plain weighted sums (exact), svd for rules whose result exists only densely."""
-    return "cat" if rule in LOW_RANK else "svd"
+    """cat for plain weighted sums and the spectral rules (exact), svd for rules whose result exists only densely."""
+    return "cat" if rule in LOW_RANK or rule in SPECTRAL else "svd"
 
 
 def combine(
@@ -195,6 +196,8 @@ def combine(
     if rank is not None and rank > max(largest, MAX_PADDED_RANK):
         raise NanPeftError(f"rank {rank} is out of range: no merged module can have a rank above {largest}, and padding stops at {MAX_PADDED_RANK}")
     params, seed = rule_options(rule, options or {})
+    if in_core_space(rule, params):
+        return _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype)
     if rule not in LOW_RANK:
         if method != "svd":
             raise NanPeftError(f"the {rule} rule gives dense updates: combine them with svd and a rank, not {method}")
@@ -412,6 +415,10 @@ def dense_updates(
     module at a time, for any rule: what the fold path adds to base weights (in float32), and what svd
     truncates for the entry-wise rules (in float64). Memory: the K dense updates of one module."""
     params, seed = rule_options(rule, options or {})
+    if in_core_space(rule, params):  # exact in the core space: the merged factors' product
+        for path, modules, B, A, _ in core_merges(adapters, coefficients, rule, params, seed, None, device):
+            yield path, modules, (B @ A).to(dtype)
+        return
     if rule in LOW_RANK:
         for path, terms in weighted_terms(adapters, coefficients, params.get("scale", 1.0)).items():
             if terms:
@@ -427,6 +434,25 @@ def dense_updates(
         deltas = torch.stack([mod.scale * (mod.B.to(device, dtype) @ mod.A.to(device, dtype)) for mod in modules])
         generator = module_generator(seed, path) if seed is not None else None
         yield path, modules, RULES[rule](deltas, c[members].to(device), generator, **params)
+
+
+def _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype):
+    """The spectral rules (and task_arithmetic with calibrate) in each module's core space (core_space.core_merges):
+    exact (cat: rank R, the largest sum of the ranks, or `rank` above it, zero-padded) or the optimal truncation
+    to `rank` (svd), its discarded norm from the merged update's singular values."""
+    if method == "cat" and rank is not None:
+        needed = max((sum(a.modules[p].rank for a in adapters if p in a.modules) for p in coefficients.modules), default=0)
+        if rank < needed:
+            raise NanPeftError(f"cat is exact and needs rank >= {needed} (the sum of the ranks); use svd to truncate to {rank}")
+    merged, report = {}, []
+    for path, modules, B, A, S in core_merges(adapters, coefficients, rule, params, seed, rank if method == "svd" else None, device):
+        R = sum(mod.rank for mod in modules)
+        S = S.cpu()
+        kept = B.shape[-1] if method == "cat" else rank
+        merged[path] = (modules[0], A.to("cpu", dtype), B.to("cpu", dtype))
+        report.append(ModuleReport(path, R, int((S[:kept] > 0).sum()), float(S.square().sum().sqrt()), float(tail_energy(S, kept)), "core"))
+    width = rank or max((B.shape[-1] for _, _, B in merged.values()), default=0)
+    return {path: _like(mod, *reversed(pad_rank(B, A, width)), path) for path, (mod, A, B) in merged.items()}, report
 
 
 def _dense(adapters, coefficients, rule, options, rank, device, dtype):

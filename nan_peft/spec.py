@@ -24,7 +24,7 @@ from .coefficients import PROVIDERS
 from .devices import resolve_device
 from .errors import NanPeftError
 from .registry import effective_options
-from .rules import RULES, rule_options
+from .rules import CALIBRATIONS, RULES, rule_options
 from .serving import ENGINES, Target
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -66,16 +66,23 @@ class MergeSpec:
                                      "Coefficients", choices=("adapter", "module"))
     exponent: float | None = option(None, "p in c_k ~ ||dW_k||^-p [default 1: the paper's].", "Coefficients", metavar="P", kind=(int, float))
     total: float | None = option(None, "What the coefficients sum to [default 1].", "Coefficients", metavar="T", kind=(int, float))
-    method: str = option("task_arithmetic", "The rule the coefficients are plugged into [default task_arithmetic: scale * sum_k c_k dW_k].",
+    method: str = option("task_arithmetic", "The rule the coefficients are plugged into [default task_arithmetic: scale * sum_k c_k dW_k]; "
+                         "iso_c, iso_cts, tsv, wudi, knots_* merge in each module's R x R core space (README: Merge rules).",
                          "Merge rule", choices=tuple(RULES))
-    density: float | None = option(None, "Fraction of entries kept (ties, dare_*, magnitude_prune).", "Merge rule", metavar="D", kind=(int, float))
+    density: float | None = option(None, "Fraction of entries kept (ties, dare_*, magnitude_prune, knots_*).", "Merge rule", metavar="D", kind=(int, float))
     scale: float | None = option(None, "lambda: multiplies the merged update [default 1].", "Merge rule", metavar="L", kind=(int, float))
     normalize: bool | None = option(None, "ties, dare_ties: average the agreeing entries (default) or sum them.", "Merge rule",
                                     kind=bool, flag="--normalize/--no-normalize")
     seed: int | None = option(None, "Seed of the random drops (dare_*) [default 0].", "Merge rule", kind=int)
-    majority_sign_method: str | None = option(None, "ties, dare_ties: elect each entry's sign by mass [total, default] or by vote "
+    majority_sign_method: str | None = option(None, "ties, dare_ties, knots_*: elect each entry's sign by mass [total, default] or by vote "
                                               "(frequency), as peft's.", "Merge rule", choices=SIGN_METHODS)
-    combine: str | None = option(None, "cat: exact, rank = sum of ranks [default for task_arithmetic]; svd: best rank-R approximation.",
+    common: float | None = option(None, "iso_cts: fraction of the rank given to the common subspace, in (0, 1) [default 0.8]; the rest "
+                                  "is split evenly among the tasks' own directions.", "Merge rule", metavar="F", kind=(int, float))
+    calibrate: str | None = option(None, "Singular value calibration after the rule (task_arithmetic, tsv, wudi, knots_*): each merged "
+                                   "singular direction scaled down by how much more of it the merge carries than the adapters.",
+                                   "Merge rule", choices=CALIBRATIONS)
+    combine: str | None = option(None, "cat: exact, rank = sum of ranks [default for task_arithmetic and the spectral rules]; svd: best "
+                                 "rank-R approximation.",
                                  "Combination", choices=("cat", "svd"))
     rank: int | None = option(None, "Target rank (svd: required; cat: pad up to R).", "Combination", metavar="R", kind=int, minimum=1)
     device: str = option("cpu", "Where to compute [default cpu].", "Execution", metavar="cpu|cuda|auto", kind=str)
@@ -96,11 +103,13 @@ class MergeSpec:
         set_(self, "weights", weights)
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "device", str(resolve_device(self.device)))
-        check_choices(self, ("granularity", "majority_sign_method", "combine"))
-        for key in ("density", "scale", "exponent", "total"):
+        check_choices(self, ("granularity", "majority_sign_method", "combine", "calibrate"))
+        for key in ("density", "scale", "exponent", "total", "common"):
             value = getattr(self, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
                 raise NanPeftError(f"{key} must be a finite number, got {value}")
+        if self.common is not None and not 0 < self.common < 1:
+            raise NanPeftError(f"common must be in (0, 1), got {self.common}")
         if self.scale == 0:
             raise NanPeftError("scale 0 makes the merged update zero: nothing to merge")
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
@@ -111,7 +120,7 @@ class MergeSpec:
     @property
     def rule_given(self) -> dict:
         """The rule options given (not None), seed included."""
-        names = ("density", "scale", "normalize", "seed", "majority_sign_method")
+        names = ("density", "scale", "normalize", "seed", "majority_sign_method", "common", "calibrate")
         return {key: getattr(self, key) for key in names if getattr(self, key) is not None}
 
     @property
@@ -120,9 +129,10 @@ class MergeSpec:
         return {"weights": self.weights, "granularity": self.granularity, "exponent": self.exponent, "total": self.total}
 
     def effective_rule_options(self) -> dict:
-        """The merge rule's options as it uses them: given, else its defaults (seed only for random rules)."""
+        """The merge rule's options as it uses them: given, else its defaults (seed only for random rules; an option
+        left at None, calibrate not asked for, is not one in use)."""
         given, seed = rule_options(self.method, self.rule_given)
-        effective = effective_options(RULES, self.method, 3, given)
+        effective = {key: value for key, value in effective_options(RULES, self.method, 3, given).items() if value is not None}
         if seed is not None:
             effective["seed"] = seed
         return effective

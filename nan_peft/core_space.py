@@ -1,0 +1,121 @@
+"""The core space of one module's LoRA updates: where spectral merge rules run without the dense update.
+
+For the K updates dW_k = s_k B_k A_k of a module (m x n, ranks r_k, R = sum_k r_k), every dW_k maps the row
+space of the stacked A = [A_1; ...; A_K] (R x n) into the column space of the stacked B = [s_1 B_1 | ... |
+s_K B_K] (m x R). With orthonormal bases U (m x p) of the latter and V (n x q) of the former (p = min(m, R),
+q = min(n, R)), dW_k = U N_k V^T exactly, with the core N_k = U^T dW_k V (p x q): R x R where R <= m, n.
+
+The bases come from thin QR, B = Qb Rb and A^T = Qa Ra, then the SVD of the weighted sum's small factor,
+Rb diag(c) Ra^T = u S v^T (full u, v: the bases keep every direction of every update): U = Qb u and V = Qa v are
+the singular bases of the coefficient-weighted sum sum_k c_k dW_k, not arbitrary QR bases, and the cores are
+N_k = u^T Rb_k Ra_k^T v from the R factors' blocks alone. Rules that act on the right side entry by entry in
+the update's own n coordinates (KnOTS) take the left-reduced updates L_k = U^T dW_k = u^T Rb_k A_k (p x n).
+
+A rule's result G (p x q in the core, or p x n left-reduced) is an update U G V^T (or U G); its thin SVD
+G = x S y^T gives the merged factors B' = U x S^1/2, A' = S^1/2 y^T V^T at exact rank, or their optimal
+rank-r truncation (Eckart-Young: U and V are orthonormal) with the discarded norm from S. Nothing of size m x n
+is formed: the work is two thin QRs, O((m + n) R^2), and R x R algebra.
+
+Every function is pure and device-agnostic; pass float64 for float64 accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import NanPeftError
+from .gram import canonical_signs
+
+
+@dataclass(frozen=True)
+class CoreSpace:
+    """One module's core space: Qb (m, p), Qa (n, q) and the rotations u (p, p), v (q, q) with U = Qb u and V = Qa v
+    (kept apart so that U and V are never formed: products go through the thin factors), and the updates' cores."""
+
+    Qb: torch.Tensor
+    Qa: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    cores: torch.Tensor
+    """(K, p, q): N_k = U^T dW_k V."""
+    left: torch.Tensor | None = None
+    """(K, p, n): L_k = U^T dW_k, when asked for (right_dense)."""
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.Qb @ self.u
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.Qa @ self.v
+
+
+def blocks(ranks: Sequence[int]) -> list[slice]:
+    """The slice of each update's rows in the stacked A (columns in the stacked B)."""
+    edges = [0]
+    for r in ranks:
+        edges.append(edges[-1] + r)
+    return [slice(a, b) for a, b in zip(edges, edges[1:])]
+
+
+def core_space(B: torch.Tensor, A: torch.Tensor, ranks: Sequence[int], weights: torch.Tensor, right_dense: bool = False) -> CoreSpace:
+    """The core space of the updates B_k A_k given stacked B = [B_1 | ... | B_K] (m, R) and A = [A_1; ...; A_K]
+    (R, n) (each update's scale already in its B block), with the SVD bases of sum_k weights_k B_k A_k."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.mT)
+    parts = blocks(ranks)
+    repeated = torch.cat([w.expand(s.stop - s.start) for w, s in zip(weights.to(B.dtype), parts)])
+    u, _, vh = torch.linalg.svd((Rb * repeated) @ Ra.mT, full_matrices=True)
+    v = vh.mT
+    cores = torch.stack([u.mT @ Rb[:, s] @ (Ra[:, s].mT @ v) for s in parts])
+    left = torch.stack([u.mT @ Rb[:, s] @ A[s] for s in parts]) if right_dense else None
+    return CoreSpace(Qb, Qa, u, v, cores, left)
+
+
+def merged_factors(space: CoreSpace, merged: torch.Tensor, rank: int, left_reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B' (m, rank), A' (rank, n), S): the factors of the update U G V^T (G = `merged`, p x q) or, left_reduced,
+    U G (G p x n), truncated optimally to `rank` or zero-padded up to it, the singular values split evenly between
+    them; S holds all singular values of the update (its norm and the discarded tail come from them)."""
+    x, S, yh = torch.linalg.svd(merged, full_matrices=False)
+    k = min(rank, S.shape[-1])
+    root = S[:k].sqrt()
+    left = space.u @ (x[:, :k] * root)
+    right = root.unsqueeze(-1) * yh[:k]
+    if not left_reduced:  # a core: back to n coordinates through V = Qa v
+        right = (right @ space.v.mT) @ space.Qa.mT
+    B_r, A_r = canonical_signs(space.Qb @ left, right)
+    if k < rank:
+        B_r = torch.nn.functional.pad(B_r, (0, rank - k))
+        A_r = torch.nn.functional.pad(A_r, (0, 0, 0, rank - k))
+    return B_r, A_r, S
+
+
+def core_merges(adapters, coefficients, rule: str, params: dict, seed: int | None, rank: int | None = None,
+                device: torch.device | str = "cpu") -> Iterator[tuple[str, list, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (path, contributing modules, B' (m, k), A' (k, n), S) for every module with a non-zero coefficient:
+    the module's updates s_k B_k A_k, stacked in float64 on `device`, merged by RULES[rule] in their core space
+    with the coefficients c_k as its weights, k = `rank` (truncated or zero-padded) or, for None, R = the sum of
+    the ranks (exact). S: all singular values of the merged update."""
+    from .rules import RIGHT_DENSE, RULES, module_generator
+
+    right_dense = rule in RIGHT_DENSE
+    for index, path in enumerate(coefficients.modules):
+        c = coefficients.values[index]
+        members = [k for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
+        if not members:
+            continue
+        modules = [adapters[k].modules[path] for k in members]
+        B = torch.cat([mod.B.to(device, torch.float64) * mod.scale for mod in modules], dim=1)
+        A = torch.cat([mod.A.to(device, torch.float64) for mod in modules])
+        ranks = [mod.rank for mod in modules]
+        weights = c[members].to(device, torch.float64)
+        space = core_space(B, A, ranks, weights, right_dense)
+        generator = module_generator(seed, path) if seed is not None else None
+        try:
+            merged = RULES[rule](space.left if right_dense else space.cores, weights, generator, **params)
+        except NanPeftError as error:
+            raise NanPeftError(f"{path}: {error}") from None
+        yield (path, modules, *merged_factors(space, merged, sum(ranks) if rank is None else rank, right_dense))
