@@ -99,8 +99,9 @@ def core_merges(adapters, coefficients, rule: str, params: dict, seed: int | Non
     the module's updates s_k B_k A_k, stacked in float64 on `device`, merged by RULES[rule] in their core space
     with the coefficients c_k as its weights, k = `rank` (truncated or zero-padded) or, for None, R = the sum of
     the ranks (exact). S: all singular values of the merged update."""
-    from .rules import RIGHT_DENSE, RULES, module_generator
+    from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
 
+    check_truncation(rule, None if rank is None else "svd")
     right_dense = rule in RIGHT_DENSE
     for index, path in enumerate(coefficients.modules):
         c = coefficients.values[index]

@@ -24,7 +24,7 @@ from .coefficients import PROVIDERS
 from .devices import resolve_device
 from .errors import NanPeftError
 from .registry import effective_options
-from .rules import CALIBRATIONS, RULES, rule_options
+from .rules import CALIBRATIONS, RULES, check_truncation, rule_options
 from .serving import ENGINES, Target
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -116,6 +116,7 @@ class MergeSpec:
             raise NanPeftError(f"rank must be a positive integer, got {self.rank!r}")
         rule_options(self.method, self.rule_given)  # fail before any reading
         set_(self, "combine", self.combine or default_combine(self.method))
+        check_truncation(self.method, self.combine)
 
     @property
     def rule_given(self) -> dict:

@@ -50,9 +50,18 @@ LOW_RANK = {"task_arithmetic"}
 SPECTRAL = {"iso_c", "iso_cts", "tsv", "wudi", "knots_ties", "knots_dare"}
 RIGHT_DENSE = {"knots_ties", "knots_dare"}
 RANDOM = {"dare_linear", "dare_ties", "knots_dare"}
+FLAT = {"iso_c", "iso_cts"}
+"""Rules whose merged spectrum is flat: every rank-r truncation is equally near, so none is chosen (combine cat only)."""
 CALIBRATED = {"task_arithmetic", "tsv", "wudi", "knots_ties", "knots_dare"}
 """The rules calibrate="svc" may follow. Not iso_c and iso_cts: their merged spectrum is flat, so its singular
 directions are not defined; not the entry-wise rules: their merged update is dense, outside the core space."""
+
+
+def check_truncation(name: str, combine: str | None) -> None:
+    """NanPeftError where rule `name` cannot be truncated (combine svd): its merged spectrum is flat."""
+    if combine == "svd" and name in FLAT:
+        raise NanPeftError(f"{name} gives a flat spectrum (every singular value equal): a truncation would keep an arbitrary subspace of it; "
+                           "merge it exactly (combine cat, rank = the sum of the ranks)")
 
 
 def in_core_space(name: str, options: Mapping) -> bool:
