@@ -406,7 +406,49 @@ def many(params: Mapping) -> Case:
     return Case(contenders, info=info, check=check, warmup=warmup)
 
 
-CASES = {"norms": norms, "merge": merge, "fold": fold, "many": many}
+SPECTRAL_RULES = {"iso_c": {}, "iso_cts": {}, "tsv": {}, "wudi": {}, "knots_ties": {"density": 0.5}, "knots_dare": {"density": 0.5},
+                  "tsv + svc": {"calibrate": "svc"}}
+
+
+def spectral(params: Mapping) -> Case:
+    """One spectral rule (params["rule"], a key of SPECTRAL_RULES) on one module (q_proj) of 3 adapters of rank r:
+    nan-peft's merge in the core space (merge_sources: norms, coefficients, core merge, factors) against the same
+    registered rule applied to the module's dense float32 updates, the way FusionBench computes it (every SVD of a
+    full m x n matrix; WUDI in closed form there too, cheaper than FusionBench's 300 Adam steps)."""
+    from nan_peft.merge import merge_sources
+    from nan_peft.rules import RULES, module_generator
+    from nan_peft.spec import MergeSpec
+
+    shape, r, name = SHAPES[params["shape"]], params["r"], params["rule"]
+    method = name.split(" ")[0]
+    options = SPECTRAL_RULES[name]
+    adapters = lora_adapters(shape, r, 3, projections=["q_proj"], layers=1)
+    spec = MergeSpec(method=method, weights=(1.0, 1.0, 1.0), **options)
+    path = next(iter(adapters[0].modules))
+    weights = torch.ones(3, dtype=torch.float32)
+
+    def dense():
+        deltas = torch.stack([a.modules[path].scale * (a.modules[path].B @ a.modules[path].A) for a in adapters])
+        generator = module_generator(0, path) if method == "knots_dare" else None  # the masks nan-peft draws (seed 0)
+        return RULES[method](deltas, weights, generator, **options)
+
+    def check():
+        result = merge_sources(adapters, spec)
+        ours = result.adapter.modules[path]
+        theirs = dense().double()
+        diff = (ours.B.double() @ ours.A.double() - theirs).abs().max() / theirs.abs().max()
+        return {"dense float32 vs core float64, max |diff| / max |entry|": float(diff)}
+
+    m, n = shape.hidden, shape.hidden
+    return Case(
+        contenders={f"nan-peft {name}, core space (merge_sources)": lambda: merge_sources(adapters, spec),
+                    f"{name} on the dense updates (FusionBench's way)": dense},
+        info={"module": f"{m}x{n}", "rank": 3 * r, "rule": name},
+        check=check,
+    )
+
+
+CASES = {"norms": norms, "merge": merge, "fold": fold, "many": many, "spectral": spectral}
 
 
 def scratch_folder(root: str | None = None) -> Path:

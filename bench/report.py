@@ -87,6 +87,16 @@ def derive(section: str, entry: dict) -> dict:
         ratios["svd s, whole model (x 32 layers)"] = svd * 32 if svd else None
         ratios["svd peak MiB, whole model (+ 31 layers of output)"] = (
             ratios["svd peak MiB"] + 31 * info["output_bytes_per_layer_svd"] / MiB if ratios["svd peak MiB"] else None)
+    elif section == "spectral" and entry.get("processes"):
+        processes = entry["processes"]
+        svd = _find(processes, "nan-peft merge --combine svd")
+        for name, value in processes.items():
+            if "--method" in name:
+                ratios[f"{name.split('--method ')[1]} / svd CLI time"] = _ratio(value["median"], svd and svd["median"])
+    elif section == "spectral":
+        core, dense = _median(times, "nan-peft"), _median(times, f"{info['rule']} on the dense")
+        ratios["dense / core time"] = _ratio(dense, core)
+        ratios["dense / core peak memory"] = _ratio(_find(peaks, f"{info['rule']} on the dense"), _find(peaks, "nan-peft"))
     elif section == "fold":
         fold = _median(times, "nan-peft fold_into, 3 adapters")
         size = info["model_bytes"]
@@ -151,6 +161,13 @@ def targets(results: Mapping) -> list[dict]:
         cat = _find(entry.get("processes", {}), "nan-peft merge (cat")
         if cat and entry["params"].get("shape") == "llama-7b":
             add("cli", entry["case"], "7B-shaped 3-adapter CLI merge under 10 s", cat["median"], 10.0, True)
+    for entry in sections.get("spectral", []):
+        if entry.get("processes"):
+            for key, value in entry["ratios"].items():
+                add("spectral", entry["case"], f"CLI merge --method {key.split(' / ')[0]} within 2x of today's svd merge", value, 2.0, True)
+        else:
+            add("spectral", entry["case"], "core space >= 100x faster than the rule on dense updates", entry["ratios"]["dense / core time"], 100.0, False)
+            add("spectral", entry["case"], "core space >= 10x less peak memory", entry["ratios"]["dense / core peak memory"], 10.0, False)
     for entry in sections.get("fold", []):
         add("fold", entry["case"], "fold within 1.5x of a plain (safetensors) copy", entry["ratios"]["fold (3 adapters) / safetensors copy"], 1.5, True)
         add("fold", entry["case"], "fold within 1.5x of a copy as durable as its output (fsynced)",
@@ -198,6 +215,7 @@ TITLES = {
     "cat": "Exact merge (cat): nan-peft vs peft add_weighted_adapter(combination_type=\"cat\")",
     "cli": "Command line, end to end: read, norms, merge, write",
     "fold": "Fold into a base checkpoint (streaming), vs copying it and vs mergekit",
+    "spectral": "Spectral rules: core space vs the same rule on dense updates; CLI against today's svd merge",
     "many": "Many adapters: a K sweep of norms, cat and svd (randomized truncation at large R) vs peft's dense svd",
 }
 

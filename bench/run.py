@@ -11,6 +11,9 @@ peak memory is measured contender by contender, each in a fresh process. Section
   cat    exact merge vs peft's combination_type="cat"
   cli    `nan-peft merge` of three Llama-7B-shaped adapters, end to end: wall time and peak memory
   fold   folding the merge into a base checkpoint vs copying the checkpoint, and vs mergekit's model+lora
+  spectral  the spectral rules (iso_c, iso_cts, tsv, wudi, knots_*, svc): each in the core space vs the same rule on
+         the module's dense updates (FusionBench's way); and `nan-peft merge --method RULE` on three Llama-7B-shaped
+         adapters against today's `--combine svd`
   many   a K sweep (4, 16, 64, 256 adapters; 4 and 16 with --quick) of Llama-7B-shaped rank-16 adapters on one layer's
          7 modules: norms, cat and svd to rank 64 (randomized truncation where R is large) vs peft's dense svd
 
@@ -40,7 +43,7 @@ from . import report  # noqa: E402
 from .measure import ROOT, load_average, machine, machine_slug, process_peak, run_worker  # noqa: E402
 from .worker import has_peak  # noqa: E402
 
-SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many")
+SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many", "spectral")
 MANY = (4, 16, 64, 256)  # the K sweep (many); --quick runs the first two
 RESULTS = ROOT / "bench" / "results"
 
@@ -83,6 +86,15 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
                                            # peft's svd holds all K dense deltas at once: 16 GiB at K = 256, more than this machine has
                                            "peft": not quick and count <= 64,
                                            "check_modules": 7 if count <= 64 else 1}})
+    from .cases import SPECTRAL_RULES
+
+    spectral_shape = "small" if quick else "llama-7b"
+    for rule in SPECTRAL_RULES:
+        out["spectral"].append({"label": f"{rule}: {spectral_shape} q_proj ({_width(spectral_shape)}), 3 adapters r=16", "case": "spectral",
+                                "params": {"shape": spectral_shape, "r": 16, "rule": rule, "repeat": slow, "device": "cpu"}})
+    if "cpu" in devices:
+        out["spectral"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each: nan-peft merge --method RULE",
+                                "case": "cli", "params": {"shape": "llama-7b", "r": 16, "repeat": slow, "spectral": True}})
     if "cpu" in devices:  # the command line's target is for the CPU
         out["cli"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each", "case": "cli",
                            "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
@@ -195,6 +207,7 @@ def tiny_plan(devices: list[str]) -> dict[str, list[dict]]:
         "cli": [{"label": "tiny", "case": "cli", "params": {**params, "repeat": 1}}],
         "fold": [{"label": "tiny", "case": "fold", "params": {**params, "repeat": 1}}],
         "many": [{"label": f"tiny K={count}", "case": "many", "params": {**params, "count": count, "rank": 8, "peft": True}} for count in (4, 8)],
+        "spectral": [{"label": "tiny tsv", "case": "spectral", "params": {**params, "rule": "tsv + svc"}}],
     }
 
 
@@ -219,7 +232,7 @@ def worker_case(case: str, params: dict) -> dict:
 
 def cli_case(params: dict, scratch: Path | None, baseline: Path | None) -> dict:
     """`nan-peft merge` end to end in fresh processes: wall time and whole-process peak memory (VmHWM)."""
-    from .cases import scratch_folder
+    from .cases import SPECTRAL_RULES, scratch_folder
     from .synthetic import SHAPES, write_adapters
 
     root = scratch_folder(scratch)
@@ -236,6 +249,12 @@ def cli_case(params: dict, scratch: Path | None, baseline: Path | None) -> dict:
             commands["nan-peft merge (cat, exact) (before)"] = (entry + ["merge", *folders, "-o", str(root / "cat-before"), "--force", "--quiet"], baseline)
             commands[f"nan-peft merge --combine svd --rank {r} (before)"] = (
                 entry + ["merge", *folders, "-o", str(root / "svd-before"), "--combine", "svd", "--rank", str(r), "--force", "--quiet"], baseline)
+        if params.get("spectral"):  # today's svd beside each spectral rule's exact merge
+            commands = {f"nan-peft merge --combine svd --rank {r}": commands[f"nan-peft merge --combine svd --rank {r}"]}
+            for rule, options in SPECTRAL_RULES.items():
+                flags = [f"--{key}={value}" for key, value in options.items()]
+                commands[f"nan-peft merge --method {rule.split(' ')[0]} {' '.join(flags)}".strip()] = (
+                    entry + ["merge", *folders, "-o", str(root / "spectral"), "--method", rule.split(" ")[0], *flags, "--force", "--quiet"], None)
         runs: dict[str, list[dict]] = {name: [] for name in commands}
         for _ in range(params.get("repeat", 3)):
             for name, (command, old) in commands.items():
@@ -258,7 +277,7 @@ def _cli_run(command: list[str], baseline: Path | None) -> dict:
 def fold_case(params: dict, scratch: Path | None, mergekit: str | None) -> dict:
     """Fold timings in one worker process (with peaks each in their own), then the two command lines that fold one
     adapter, nan-peft's and mergekit's, as whole processes."""
-    from .cases import scratch_folder
+    from .cases import SPECTRAL_RULES, scratch_folder
     from .synthetic import SHAPES, write_adapters, write_base
 
     root = scratch_folder(scratch)

@@ -15,10 +15,11 @@ RANK_TOL = 1e-9
 
 
 def rank_of(S: torch.Tensor) -> int:
-    """How many of the singular values S (descending) are non-zero: above RANK_TOL times the largest."""
+    """How many of the singular values S (descending) are non-zero: above RANK_TOL times the largest in float64,
+    100 ulps of it in a narrower dtype (a float32 SVD's zero singular values are about 1e-7 of the largest)."""
     if S.numel() == 0 or not S[0] > 0:
         return 0
-    return int((S > RANK_TOL * S[0]).sum())
+    return int((S > max(RANK_TOL, 100 * torch.finfo(S.dtype).eps) * S[0]).sum())
 
 
 def thin_svd(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

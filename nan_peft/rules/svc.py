@@ -33,7 +33,7 @@ def singular_value_calibration(merged: torch.Tensor, updates: torch.Tensor) -> t
         return merged
     responses = torch.einsum("ar,kab->krb", x, updates)  # a_rk, (K, r, b)
     energy = responses.square().sum(-1)  # ||a_rk||^2
-    carried = energy.sqrt() > RESPONSE_TOL * torch.linalg.matrix_norm(updates).unsqueeze(-1)
+    carried = energy.sqrt() > max(RESPONSE_TOL, 100 * torch.finfo(energy.dtype).eps) * torch.linalg.matrix_norm(updates).unsqueeze(-1)
     overlap = torch.einsum("rb,krb->kr", S.unsqueeze(-1) * yh, responses)  # <a_r, a_rk>
     s = torch.where(carried, overlap / torch.where(carried, energy, 1.0), 0.0)
     eta = torch.where((s > 0).all(0), s.mean(0).clamp_min(1.0), 1.0)

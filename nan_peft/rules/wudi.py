@@ -33,7 +33,7 @@ def wudi(updates: torch.Tensor, weights: torch.Tensor, generator=None, *, scale:
     H = (inverse.reshape(-1, 1, 1) * grams).sum(0)
     C = (inverse.reshape(-1, 1, 1) * (tasks @ grams)).sum(0)
     values, vectors = torch.linalg.eigh(H)
-    keep = values > EIGEN_TOL * values[-1]
+    keep = values > max(EIGEN_TOL, 100 * torch.finfo(values.dtype).eps) * values[-1]
     basis = vectors[:, keep]
     merged = ((C @ basis) / values[keep]) @ basis.mT
     return finish(merged, updates, scale, calibrate)
