@@ -4,9 +4,9 @@ a seeded random Omega, never the dense M.
 
 For a LoRA merge M = B @ A with B (m x R) and A (R x n), one product M @ X = B @ (A @ X) costs 2 (m + n) R l for
 l columns, so the whole truncation costs O((m + n) R l (q + 1)), linear in R, where the exact core SVD (gram.py)
-costs O((m + n) R^2 + R^3). The result is exactly the best rank-k approximation of Q Q^T M for the orthonormal
-basis Q found, so ||M - M_k||_F^2 = ||M||_F^2 - sum(S_k^2) holds for it: a caller that knows ||M||_F exactly (from
-the Grams) reports the discarded norm exactly, however good the range was.
+costs O((m + n) R^2 + R^3). The result is the best rank-k approximation of Q Q^T M for the orthonormal basis Q
+found, so ||M - M_k||_F^2 = ||M||_F^2 - sum(S_k^2) up to the products' rounding; a caller that needs the discarded
+norm exactly computes it from the factors (combine._discarded does, from the Grams' ||M||_F).
 
 Pure, batched over leading dimensions (G same-shaped operators at once), device-agnostic; the random test
 matrices are drawn on the CPU in float64 from (seed, module path) alone, so results depend on neither the order
@@ -51,20 +51,21 @@ def randomized_svd(
     eigenvectors W_k of C C^T (c x c) give L = Q W_k and Rt = diag(S_k)^-1 W_k^T C (0 where S_k = 0), so that
     L diag(S_k) Rt = Q W_k W_k^T Q^T M, an orthogonal projection of M, however well W_k was resolved. S holds
     every singular value of Q^T M, largest first: sum(S^2) = ||Q^T M||_F^2 and
-    ||M - L diag(S_k) Rt||_F^2 = ||M||_F^2 - sum(S[:k]^2). Signs as gram.canonical_signs picks them (the largest
-    entry of each column of L positive). The products run in omega's dtype (float32 halves their cost), the bases, the c x c
-eigenproblem and the results in float64 (a float32 Cholesky QR loses the range of a rank-deficient block, and
-squaring C in float32 would blur singular values closer than 1e-4 apart). Everything is BLAS-3 (Cholesky QR, a c x c eigenproblem): Householder QR
-    and the SVD of a tall matrix cost more here than the products themselves."""
-    Y = apply(omega)
+    ||M - L diag(S_k) Rt||_F^2 = ||M||_F^2 - sum(S[:k]^2) (to the products' rounding). Signs as gram.canonical_signs
+    picks them (the largest entry of each column of L positive).
+
+    The products run in omega's dtype (float32 halves their cost); the bases, the c x c eigenproblem and the results
+    are float64 (a float32 Cholesky QR loses the range of a rank-deficient block, and squaring C in float32 would
+    blur singular values closer than 1e-4 apart). Everything is BLAS-3 (Cholesky QR, a c x c eigenproblem):
+    Householder QR and the SVD of a tall matrix cost more here than the products themselves."""
     wide = torch.promote_types(omega.dtype, torch.float64)
-    most = min(Y.shape[-2], (power_iterations + 1) * omega.shape[-1])
-    basis = Y.new_empty((*Y.shape[:-1], most), dtype=wide)  # [Q_0 | Q_1 | ...], filled block by block
+    basis = None  # [Q_0 | Q_1 | ...] in float64, filled block by block
     products: list[torch.Tensor] = []
-    used = 0
+    used, X = 0, omega
     for step in range(power_iterations + 1):
-        if step:
-            Y = apply(X.to(omega.dtype))
+        Y = apply(X.to(omega.dtype))
+        if basis is None:
+            basis = Y.new_empty((*Y.shape[:-1], min(Y.shape[-2], (power_iterations + 1) * omega.shape[-1])), dtype=wide)
         Q = orthonormal_basis(Y, basis[..., :used] if used else None)
         if Q.shape[-1] == 0:
             break
@@ -73,8 +74,7 @@ squaring C in float32 would blur singular values closer than 1e-4 apart). Everyt
         products.append(apply_t(Q.to(omega.dtype)))
         if step < power_iterations:
             X = orthonormal_basis(products[-1], passes=1)  # the next block's input: any well-conditioned basis
-    Q, Ct = basis[..., :used], torch.cat(products, -1).to(wide)  # the small eigenproblem in float64 whatever the products'
-
+    Q, Ct = basis[..., :used], torch.cat(products, -1).to(wide)
     values, W = torch.linalg.eigh(Ct.mT @ Ct)  # ascending
     values, W = values.flip(-1), W.flip(-1)
     S = values.clamp_min(0).sqrt()
