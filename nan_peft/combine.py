@@ -177,8 +177,9 @@ def combine(
     update where R >= min(m, n), or with a block Krylov range finder (sketch.randomized_svd: `oversample` extra
     columns, `power_iterations` Krylov blocks after the first, test matrices seeded from `sketch_seed` and the
     module path) where the exact core would cost much more. `truncation` "exact" or "randomized" forces the choice.
-    Whatever the path, the discarded norm is exact: sqrt(||dW||^2 - ||dW_r||^2), ||dW|| from `gram` (the Grams)
-    and ||dW_r|| from the kept singular values. ModuleReport.truncation records the path.
+    Whatever the path, the discarded norm is exact: on the randomized path ||dW - dW_r||^2 = ||dW||^2
+    - 2 <dW, dW_r> + ||dW_r||^2 in float64, ||dW|| from `gram` (the Grams) and the rest from products with the
+    rank-`rank` result (_discarded). ModuleReport.truncation records the path.
     """
     method = method or default_combine(rule)
     if truncation not in TRUNCATIONS:
