@@ -184,7 +184,9 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
     gram = update_gram(sources, device)
     coeffs = coefficients_for(spec.coefficients, gram, **spec.provider_given)
     dtype = getattr(torch, spec.dtype) if spec.dtype else _common_dtype(sources)
-    modules, report = combine_updates(sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given)
+    modules, report = combine_updates(
+        sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given, **spec.truncation_given
+    )
     if not modules:
         raise NanPeftError("every coefficient is zero: the merged update is empty")
     extras = {key: tensor for source in sources for key, tensor in source.extras.items()}  # equal across sources

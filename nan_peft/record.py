@@ -107,6 +107,7 @@ def module_entry(report) -> dict:
         "norm": report.norm,
         "discarded": report.discarded,
         "relative_discarded": report.relative_discarded,
+        "truncation": report.truncation,
     }
 
 

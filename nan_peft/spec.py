@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .combine import default_combine
+from .combine import TRUNCATIONS, default_combine
 from .coefficients import PROVIDERS
 from .devices import resolve_device
 from .errors import NanPeftError
@@ -85,6 +85,15 @@ class MergeSpec:
                                  "rank-R approximation.",
                                  "Combination", choices=("cat", "svd"))
     rank: int | None = option(None, "Target rank (svd: required; cat: pad up to R).", "Combination", metavar="R", kind=int, minimum=1)
+    truncation: str | None = option(None, "How svd truncates: exact (from the R x R core), randomized (block Krylov range finder, within "
+                                    "1e-3 of the optimum) or auto, by cost [default auto; recorded per module].", "Combination",
+                                    choices=TRUNCATIONS)
+    oversample: int | None = option(None, "Randomized truncation: extra columns per Krylov block [default 16].", "Combination",
+                                    metavar="P", kind=int, minimum=0)
+    power_iterations: int | None = option(None, "Randomized truncation: Krylov blocks after the first [default 4].", "Combination",
+                                          metavar="Q", kind=int, minimum=0)
+    sketch_seed: int | None = option(None, "Randomized truncation: seed of the test matrices, drawn per module [default 0].", "Combination",
+                                     metavar="S", kind=int, minimum=0)
     device: str = option("cpu", "Where to compute [default cpu].", "Execution", metavar="cpu|cuda|auto", kind=str)
     dtype: str | None = option(None, "dtype of the written factors [default: the inputs'].", "Execution", choices=DTYPES)
     allow_different_bases: bool = option(False, "Merge adapters whose configs name different base models.", "Input and output", kind=bool)
@@ -103,7 +112,7 @@ class MergeSpec:
         set_(self, "weights", weights)
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "device", str(resolve_device(self.device)))
-        check_choices(self, ("granularity", "majority_sign_method", "combine", "calibrate"))
+        check_choices(self, ("granularity", "majority_sign_method", "combine", "calibrate", "truncation"))
         for key in ("density", "scale", "exponent", "total", "common"):
             value = getattr(self, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
@@ -122,6 +131,12 @@ class MergeSpec:
     def rule_given(self) -> dict:
         """The rule options given (not None), seed included."""
         names = ("density", "scale", "normalize", "seed", "majority_sign_method", "common", "calibrate")
+        return {key: getattr(self, key) for key in names if getattr(self, key) is not None}
+
+    @property
+    def truncation_given(self) -> dict:
+        """The randomized truncation's options given (not None), as combine takes them."""
+        names = ("truncation", "oversample", "power_iterations", "sketch_seed")
         return {key: getattr(self, key) for key in names if getattr(self, key) is not None}
 
     @property
@@ -150,6 +165,7 @@ class MergeSpec:
             **{key: value for key, value in self.rule_given.items()},
             "combine": self.combine,
             "rank": self.rank,
+            **self.truncation_given,
             "coefficients": self.coefficients,
             "weights": None if self.weights is None else [float(w) for w in self.weights],
             "granularity": granularity,

@@ -125,13 +125,14 @@ def test_merge_svd_json_is_documented_and_exact(here, tmp_path):
     assert [m["module"] for m in document["modules"]] == [r.module for r in library.report]
     sources = read_adapters(list(NAMES))
     for entry in document["modules"]:
-        assert set(entry) == {"module", "input_rank", "rank", "norm", "discarded", "relative_discarded", "coefficients"}
+        assert set(entry) == {"module", "input_rank", "rank", "norm", "discarded", "relative_discarded", "truncation", "coefficients"}
         path = entry["module"]
         dense = sum(c * s.modules[path].delta() for c, s in zip(expected, sources) if path in s.modules)
         singular = torch.linalg.svdvals(dense)
         assert entry["norm"] == pytest.approx(dense.norm().item(), rel=1e-9)
         assert entry["discarded"] == pytest.approx(singular[4:].square().sum().sqrt().item(), rel=1e-6, abs=1e-12)
         assert entry["relative_discarded"] == pytest.approx(entry["discarded"] / entry["norm"], rel=1e-12)
+        assert entry["truncation"] in ("gram", "qr")  # the exact path: R = 14 is small
         assert entry["input_rank"] == sum(s.modules[path].rank for s in sources if path in s.modules)
         assert entry["coefficients"] == pytest.approx({n: c for n, c, s in zip(NAMES, expected, sources) if path in s.modules})
     assert any(entry["discarded"] > 0 for entry in document["modules"])
@@ -585,3 +586,16 @@ def test_majority_sign_method_reaches_the_rule(here, tmp_path):
     assert folder_bytes(tmp_path / "lib")["adapter_model.safetensors"] == folder_bytes(here / "out-vote")["adapter_model.safetensors"]
     total = merge_adapters(list(NAMES), method="ties", density=0.5, rank=8)
     assert not all(torch.equal(a.B, b.B) for a, b in zip(library.adapter.modules.values(), total.adapter.modules.values()))
+
+
+def test_truncation_options_reach_combine_and_are_recorded(here):
+    result = ok("merge", *NAMES, "-o", "out-sketch", "--combine", "svd", "--rank", "4", "--truncation", "randomized",
+                "--oversample", "4", "--power-iterations", "2", "--sketch-seed", "7", "--json")
+    document = json.loads(result.stdout)
+    assert all(entry["truncation"] == ("randomized" if entry["input_rank"] > 4 else "gram") for entry in document["modules"])
+    record = json.loads((here / "out-sketch" / "merge_record.json").read_text())
+    assert {key: record["options"][key] for key in ("truncation", "oversample", "power_iterations", "sketch_seed")} == {
+        "truncation": "randomized", "oversample": 4, "power_iterations": 2, "sketch_seed": 7}
+    library = merge_adapters(list(NAMES), combine="svd", rank=4, truncation="randomized", oversample=4, power_iterations=2, sketch_seed=7)
+    assert [r.discarded for r in library.report] == [entry["discarded"] for entry in document["modules"]]
+    assert "'--oversample': -1 is not in the range" in fail(2, "merge", *NAMES, "-o", "x", "--combine", "svd", "--rank", "4", "--oversample", "-1")

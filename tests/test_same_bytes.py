@@ -3,6 +3,7 @@ nan-peft writes: the same commands, run by the package as it was before it (a re
 history) and as it is now, write identical folders."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -54,8 +55,20 @@ def run_all(package: Path, workdir: Path, prefix: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+# Keys the record gained after BEFORE, by other issues (added, never renamed): left out of the comparison.
+ADDED_MODULE_KEYS = ("truncation",)  # issue 19: how svd truncated each module
+
+
 def digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def record_without_additions(path: Path) -> str:
+    record = json.loads(path.read_text())
+    for entry in record.get("modules", []):
+        for key in ADDED_MODULE_KEYS:
+            entry.pop(key, None)
+    return json.dumps(record, indent=2) + "\n"
 
 
 def test_restructured_package_writes_the_same_bytes(tmp_path):
@@ -76,4 +89,6 @@ def test_restructured_package_writes_the_same_bytes(tmp_path):
             if file in old:
                 text = (work / f"before-{name}" / file).read_text().replace(f"before-{name}", f"after-{name}")
                 old[file] = hashlib.sha256(text.encode()).hexdigest()
+        if "merge_record.json" in new:
+            new["merge_record.json"] = hashlib.sha256(record_without_additions(work / f"after-{name}" / "merge_record.json").encode()).hexdigest()
         assert new == old, name

@@ -28,6 +28,7 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "norm": float,                 # ||sum_k c_k dW_k||_F at this module (exact merge)
                   "discarded": float,            # ||dW - dW_r||_F dropped by svd truncation (0 for cat)
                   "relative_discarded": float,
+                  "truncation": "none" | "gram" | "qr" | "dense" | "randomized",  # how svd truncated (none: cat)
                   "coefficients": {adapter name: float}}],
      "serve": "vllm" | "sglang" | "lorax" | "tgi" | "trtllm" | "llamacpp" | "peft" | null,  # the engine fitted to (--serve)
      "tensor_parallel": int | null,      # the engine's tensor-parallel degree (--tensor-parallel; null without --serve)
