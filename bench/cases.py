@@ -167,7 +167,7 @@ def merge(params: Mapping) -> Case:
     rank = params.get("rank", r) if combine == "svd" else None
     import nan_peft
     from nan_peft.coefficients import coefficients_for
-    from nan_peft.combine import combine as combine_updates
+    from nan_peft.combination import combine as combine_updates
 
     adapters = lora_adapters(shape, r, count, projections, layers, device=device)
     with_peft = params.get("peft", True)
@@ -334,7 +334,7 @@ def many(params: Mapping) -> Case:
     shape, r, count, device = SHAPES[params["shape"]], params["r"], params["count"], params.get("device", "cpu")
     projections, layers, rank = tuple(params.get("projections", PROJECTIONS)), params.get("layers", 1), params["rank"]
     from nan_peft.coefficients import coefficients_for
-    from nan_peft.combine import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, combine as combine_updates, truncation_path
+    from nan_peft.combination import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, combine as combine_updates, truncation_path
     from nan_peft.norms import update_gram
 
     adapters = lora_adapters(shape, r, count, projections, layers, device=device)
@@ -373,7 +373,7 @@ def many(params: Mapping) -> Case:
     def check() -> dict:
         import torch
 
-        from nan_peft.combine import stacked_factors, weighted_terms
+        from nan_peft.combination import stacked_factors, weighted_terms
 
         if "svd" not in results:
             svd()

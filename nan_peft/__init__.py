@@ -6,7 +6,7 @@
 """
 
 from .coefficients import Coefficients, coefficients_for, manual_coefficients, nan_coefficients, uniform_coefficients
-from .combine import ModuleReport, combine
+from .combination import ModuleReport, combine
 from .errors import NanPeftError
 from .lora import LoraAdapter, LoraModule
 from .merge import MergeResult, merge_adapters

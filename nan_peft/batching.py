@@ -1,11 +1,11 @@
 """Stack the factors of many same-shaped modules onto a device, so that the math runs as a few batched
 kernels instead of a Python loop over hundreds of tiny ones.
 
-Two ways to stack. `batches` builds whole stacks (G, R, n) and (G, m, R) in float64: simple, but on a CPU
-the conversion writes fresh memory several times the size of the inputs, and fresh memory costs page faults.
-`groups` plus `stacked_chunks` stream the same stacks through one small reusable buffer, a slice of the
-long dimension at a time, so that each converted piece is still in cache when the batched product reads it:
-the Gram matrices (norms.py) and the truncation (combine.py) accumulate over the pieces.
+`groups` finds the modules that stack together (same contributing adapters, ranks and shape); `stacked_chunks`
+streams their stacks (G, R, n) and (G, m, R) through one small reusable buffer, a slice of the long dimension
+at a time, so that each converted piece is still in cache when the batched product reads it (whole float64
+stacks would write fresh memory several times the inputs' size, and fresh memory costs page faults): the Gram
+matrices (norms.py) and the truncation (combination.py) accumulate over the pieces.
 """
 
 from __future__ import annotations
@@ -30,21 +30,6 @@ Term = tuple[int, LoraModule, float]
 
 
 @dataclass(frozen=True)
-class Batch:
-    """G modules that have the same contributing adapters, ranks and shape.
-
-    A is (G, R, n) = [A_1; ...; A_K'] and B is (G, m, R) = [w_1 B_1 | ... | w_K' B_K'] per module, so that
-    B[g] @ A[g] = sum_k w_k B_k A_k for module paths[g].
-    """
-
-    paths: tuple[str, ...]
-    members: tuple[int, ...]
-    ranks: tuple[int, ...]
-    A: torch.Tensor
-    B: torch.Tensor
-
-
-@dataclass(frozen=True)
 class Group:
     """G modules that have the same contributing adapters, ranks and shape (A_k is r_k x n, B_k is m x r_k),
     with their terms; the stacks are built piece by piece by stacked_chunks."""
@@ -66,26 +51,9 @@ class Group:
         return torch.tensor(values, dtype=dtype, device=device).reshape(len(self.paths), self.rank)
 
 
-def batches(
-    terms: Mapping[str, Sequence[Term]],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float64,
-    max_bytes: int = DEFAULT_BATCH_BYTES,
-) -> Iterator[Batch]:
-    """Yield Batches covering every module path in `terms` (paths with no terms are skipped)."""
-    item_size = torch.empty((), dtype=dtype).element_size()
-    for group in groups(terms):
-        per_module = group.rank * (group.n + group.m) * item_size
-        step = max(1, max_bytes // per_module)
-        for start in range(0, len(group.paths), step):
-            chunk = group.terms[start : start + step]
-            A, B = _stack(chunk, group.ranks, group.n, group.m, device, dtype)
-            yield Batch(group.paths[start : start + step], group.members, group.ranks, A, B)
-
-
-def groups(terms: Mapping[str, Sequence[Term]], max_modules: int | None = None) -> list[Group]:
-    """The module paths of `terms` grouped by contributing adapters, ranks and shape (at most `max_modules`
-    paths a group; paths with no terms are skipped), in the order of `terms`."""
+def groups(terms: Mapping[str, Sequence[Term]]) -> list[Group]:
+    """The module paths of `terms` grouped by contributing adapters, ranks and shape (paths with no terms are
+    skipped), in the order of `terms`."""
     found: dict[tuple, list[str]] = {}
     for path, path_terms in terms.items():
         if path_terms:
@@ -94,10 +62,7 @@ def groups(terms: Mapping[str, Sequence[Term]], max_modules: int | None = None) 
             found.setdefault(key, []).append(path)
     result = []
     for (members, ranks, n, m), paths in found.items():
-        step = max_modules or len(paths)
-        for start in range(0, len(paths), step):
-            chunk = tuple(paths[start : start + step])
-            result.append(Group(chunk, members, ranks, n, m, tuple(tuple(terms[p]) for p in chunk)))
+        result.append(Group(tuple(paths), members, ranks, n, m, tuple(tuple(terms[p]) for p in paths)))
     return result
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .coefficients import Coefficients, coefficients_for
-from .combine import ModuleReport
-from .combine import combine as combine_updates
+from .combination import ModuleReport
+from .combination import combine as combine_updates
 from .errors import NanPeftError
 from .fold import fold_into
 from .lora import LoraAdapter

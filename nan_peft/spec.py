@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .combine import TRUNCATIONS, default_combine
+from .combination import TRUNCATIONS, default_combine
 from .coefficients import PROVIDERS
 from .devices import resolve_device
 from .errors import NanPeftError

@@ -8,7 +8,7 @@ import torch
 import nan_peft.batching as batching
 import nan_peft.fold as fold
 from nan_peft import merge_adapters, update_gram
-from nan_peft.combine import _cat_factors, stacked_factors, weighted_terms
+from nan_peft.combination import _cat_factors, stacked_factors, weighted_terms
 from nan_peft.gram import pad_rank, truncate_low_rank, truncation_from_grams
 from nan_peft.lora import LoraAdapter, LoraModule
 

@@ -79,7 +79,7 @@ def test_tiny_batch_buffer_gives_the_same_numbers(max_batch_bytes):
     stacked_chunks with a RuntimeError; the pieces are now at least one column. The Grams and the svd merge
     equal the default batching's (to float64 summation order) and the dense float64 references."""
     from nan_peft import LoraAdapter, LoraModule, merge_adapters, update_gram
-    from nan_peft.combine import combine
+    from nan_peft.combination import combine
 
     g = torch.Generator().manual_seed(3)
     shapes = {"x": (32, 24), "y": (32, 24), "z": (7, 40)}

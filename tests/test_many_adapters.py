@@ -12,14 +12,14 @@ from peft import PeftModel
 from models import BASES, LLAMA, input_ids
 from nan_peft import NanPeftError, merge_adapters, update_gram
 from nan_peft.coefficients import coefficients_for
-from nan_peft.combine import (
+from nan_peft.combination import (
     DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, MIN_RANDOMIZED_RANK, RANDOMIZED_SAVING, combine, truncation_path,
 )
 from nan_peft.lora import LoraAdapter, LoraModule
 from nan_peft.sketch import factored, orthonormal_basis, randomized_svd, seeded_gaussians
 from oracle import lora_layers, peft_deltas
 
-combine_module = importlib.import_module("nan_peft.combine")  # nan_peft.combine is also the function
+combine_module = importlib.import_module("nan_peft.combination")
 
 SHAPES = {"q": (48, 40), "down": (40, 72), "wide": (24, 96)}
 

@@ -223,7 +223,7 @@ def test_rule_option_errors(llama_adapters, options, message):
 
 def test_dare_masks_do_not_depend_on_dtype(llama_adapters):
     """The fold computes in float32 and the svd merge in float64: the same seed must drop the same entries."""
-    from nan_peft.combine import dense_updates
+    from nan_peft.combination import dense_updates
 
     result = merge_adapters(llama_adapters, method="dare_linear", density=0.5, rank=8, seed=3)
     options = {"density": 0.5, "seed": 3}

@@ -14,7 +14,7 @@ from peft import PeftModel
 from models import BASES, LLAMA, input_ids, make_adapter
 from nan_peft import LoraAdapter, LoraModule, NanPeftError, merge_adapters
 from nan_peft.cli import cli
-from nan_peft.combine import dense_updates
+from nan_peft.combination import dense_updates
 from nan_peft.rules import module_generator
 from oracle import load_sources, peft_deltas
 from test_rules import disjoint, trimmed

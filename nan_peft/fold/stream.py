@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..combine import dense_updates, stacked_factors, weighted_terms
+from ..combination import dense_updates, stacked_factors, weighted_terms
 from ..errors import NanPeftError
 from ..lora import LoraModule
 from ..rules import LOW_RANK
