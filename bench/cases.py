@@ -334,7 +334,8 @@ def many(params: Mapping) -> Case:
     shape, r, count, device = SHAPES[params["shape"]], params["r"], params["count"], params.get("device", "cpu")
     projections, layers, rank = tuple(params.get("projections", PROJECTIONS)), params.get("layers", 1), params["rank"]
     from nan_peft.coefficients import coefficients_for
-    from nan_peft.combination import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, combine as combine_updates, truncation_path
+    from nan_peft.combination import combine as combine_updates
+    from nan_peft.truncation import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, truncation_path
     from nan_peft.norms import update_gram
 
     adapters = lora_adapters(shape, r, count, projections, layers, device=device)

@@ -5,7 +5,7 @@ kernels instead of a Python loop over hundreds of tiny ones.
 streams their stacks (G, R, n) and (G, m, R) through one small reusable buffer, a slice of the long dimension
 at a time, so that each converted piece is still in cache when the batched product reads it (whole float64
 stacks would write fresh memory several times the inputs' size, and fresh memory costs page faults): the Gram
-matrices (norms.py) and the truncation (combination.py) accumulate over the pieces.
+matrices (norms.py) and the truncation (truncation.py) accumulate over the pieces.
 """
 
 from __future__ import annotations

@@ -12,14 +12,15 @@ from peft import PeftModel
 from models import BASES, LLAMA, input_ids
 from nan_peft import NanPeftError, merge_adapters, update_gram
 from nan_peft.coefficients import coefficients_for
-from nan_peft.combination import (
-    DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, MIN_RANDOMIZED_RANK, RANDOMIZED_SAVING, combine, truncation_path,
+from nan_peft.combination import combine
+from nan_peft.truncation import (
+    CORE_FLOPS, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, MIN_RANDOMIZED_RANK, RANDOMIZED_SAVING, truncation_path,
 )
 from nan_peft.lora import LoraAdapter, LoraModule
 from nan_peft.sketch import factored, orthonormal_basis, randomized_svd, seeded_gaussians
 from oracle import lora_layers, peft_deltas
 
-combine_module = importlib.import_module("nan_peft.combination")
+truncation_module = importlib.import_module("nan_peft.truncation")
 
 SHAPES = {"q": (48, 40), "down": (40, 72), "wide": (24, 96)}
 
@@ -103,7 +104,7 @@ def test_automatic_choice_at_its_boundaries(monkeypatch):
     m = n = 4096
     l, q = 64 + DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS
     switch = next(R for R in range(MIN_RANDOMIZED_RANK, m) if truncation_path(m, n, R, 64) == "randomized")
-    exact = 2.0 * (m + n) * switch**2 + combine_module.CORE_FLOPS * switch**3
+    exact = 2.0 * (m + n) * switch**2 + CORE_FLOPS * switch**3
     assert exact > RANDOMIZED_SAVING * 4.0 * (q + 1) * (m + n) * switch * l  # the cost model's crossing
     assert truncation_path(m, n, switch - 1, 64) == "gram"
     assert all(truncation_path(m, n, R, 64) == "randomized" for R in (switch, 2 * switch, m - 1, m, 4 * m))
@@ -113,22 +114,22 @@ def test_automatic_choice_at_its_boundaries(monkeypatch):
     assert truncation_path(m, n, MIN_RANDOMIZED_RANK, 1, oversample=0, power_iterations=0) == "randomized"
     assert truncation_path(m, n, 64, 64, "randomized") == "gram" and truncation_path(32, n, 64, 64, "randomized") == "dense"
     # a Krylov space as wide as the module ((q + 1) l = 400 columns): exact, even where the exact core costs most
-    monkeypatch.setattr(combine_module, "CORE_FLOPS", 1e9)
+    monkeypatch.setattr(truncation_module, "CORE_FLOPS", 1e9)
     assert truncation_path(400, 4096, 300, 64) == "gram" and truncation_path(400, 4096, 400, 64) == "dense"
     assert truncation_path(401, 4096, 300, 64) == "randomized" and truncation_path(400, 4096, 300, 64, "randomized") == "randomized"
 
 
 def test_auto_picks_randomized_for_many_adapters_and_records_it(monkeypatch):
     """Through combine with auto: small modules stay exact (bit for bit as before), large R goes randomized."""
-    monkeypatch.setattr(combine_module, "MIN_RANDOMIZED_RANK", 16)
-    monkeypatch.setattr(combine_module, "CORE_FLOPS", 1e6)  # make the exact core look expensive at these sizes
+    monkeypatch.setattr(truncation_module, "MIN_RANDOMIZED_RANK", 16)
+    monkeypatch.setattr(truncation_module, "CORE_FLOPS", 1e6)  # make the exact core look expensive at these sizes
     adapters = adapters_like(8, shapes={"big": (200, 180), "small": (12, 90)})
     merged, report, dense = merge(adapters, 3, oversample=2, power_iterations=1)
     assert report["big"].truncation == "randomized" and report["small"].truncation == "randomized"  # R = 32 > 12 too
     for path in ("big", "small"):
         assert report[path].discarded == pytest.approx(float((dense[path] - product(merged[path])).norm()), rel=1e-9)
-    monkeypatch.setattr(combine_module, "CORE_FLOPS", 20.0)
-    monkeypatch.setattr(combine_module, "MIN_RANDOMIZED_RANK", 256)
+    monkeypatch.setattr(truncation_module, "CORE_FLOPS", 20.0)
+    monkeypatch.setattr(truncation_module, "MIN_RANDOMIZED_RANK", 256)
     auto, auto_report, _ = merge(adapters, 3)
     exact, _, _ = merge(adapters, 3, truncation="exact")
     assert auto_report["big"].truncation == "gram"
