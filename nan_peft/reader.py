@@ -6,14 +6,13 @@ import dataclasses
 import hashlib
 import io
 import json
+import mmap
 import os
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 
 from .errors import NanPeftError, first_line
 from .hub import resolve_folder
@@ -184,12 +183,11 @@ def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str
     safetensors = folder / SAFETENSORS_NAME
     if safetensors.is_file():
         try:
-            data = safetensors.read_bytes()
-            digests[SAFETENSORS_NAME] = hashlib.sha256(data).hexdigest()
-            tensors = load_safetensors(data)
-            (length,) = struct.unpack("<Q", data[:8])
-            metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
-        except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as error:
+            digests[SAFETENSORS_NAME] = _sha256_mapped(safetensors)
+            with safe_open(safetensors, framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise NanPeftError(f"{label}: {SAFETENSORS_NAME} is unreadable ({first_line(error)})") from None
         if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != content_digest(tensors, config):
             raise NanPeftError(
@@ -209,6 +207,13 @@ def _read_tensors(folder: Path, label: str, config: dict, digests: dict[str, str
             raise NanPeftError(f"{label}: {BIN_NAME} is not a state dict of tensors")
         return tensors
     raise NanPeftError(f"{label}: missing {SAFETENSORS_NAME} (or {BIN_NAME})")
+
+
+def _sha256_mapped(path: Path) -> str:
+    """sha256 of a file through a read-only memory map: the pages safetensors maps next, no copy of its bytes.
+    A file replaced between the two is caught by read_adapter's file-state check, which then reads again."""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return hashlib.sha256(mapped).hexdigest()
 
 
 def _modules_from_tensors(tensors: dict[str, torch.Tensor], config: dict, label: str) -> dict[str, LoraModule]:
