@@ -6,7 +6,7 @@ name with dashes), type, default, choices and check.
 - OutputSpec: what is written (heads, serving engine and its deployment, file format).
 - FoldSpec: folding into a base model instead (base, device map, memory).
 
-The CLI's options and the YAML recipe's keys are generated from these fields (cli.options); the merge record
+The CLI's options and the YAML recipe's keys are generated from these fields (cli.app.spec_options, load_recipe); the record
 stores MergeSpec.record_options() verbatim; the fold reads the rule and its options from the result's spec.
 """
 
