@@ -8,7 +8,7 @@ A new provider is one function here plus its line in PROVIDERS.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,16 @@ PROVIDERS: dict[str, Callable[..., Coefficients]] = {
     "uniform": uniform_coefficients,
     "manual": manual_coefficients,
 }
+
+
+def contributions(adapters: Sequence, coefficients: Coefficients) -> Iterator[tuple[str, list, torch.Tensor]]:
+    """For each module path where some coefficient is non-zero: the modules of the adapters that contribute there
+    and their coefficients, in adapter order."""
+    for index, path in enumerate(coefficients.modules):
+        c = coefficients.values[index]
+        members = [k for k, adapter in enumerate(adapters) if path in adapter.modules and c[k] != 0]
+        if members:
+            yield path, [adapters[k].modules[path] for k in members], c[members]
 
 
 def coefficients_for(method: str, gram: UpdateGram, **options) -> Coefficients:

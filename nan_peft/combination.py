@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import CPU_CHUNK_BYTES, DEFAULT_BATCH_BYTES, Term
-from .coefficients import Coefficients
+from .coefficients import Coefficients, contributions
 from .errors import NanPeftError
 from .gram import pad_rank, tail_energy, truncate_dense
 from .lora import LoraAdapter, LoraModule
@@ -218,15 +218,10 @@ def dense_updates(
                 B, A = stacked_factors(terms, device, dtype)
                 yield path, [module for _, module, _ in terms], B @ A
         return
-    for m, path in enumerate(coefficients.modules):
-        c = coefficients.values[m]
-        members = [k for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
-        if not members:
-            continue
-        modules = [adapters[k].modules[path] for k in members]
+    for path, modules, c in contributions(adapters, coefficients):
         deltas = torch.stack([mod.scale * (mod.B.to(device, dtype) @ mod.A.to(device, dtype)) for mod in modules])
         generator = module_generator(seed, path) if seed is not None else None
-        yield path, modules, RULES[rule](deltas, c[members].to(device), generator, **params)
+        yield path, modules, RULES[rule](deltas, c.to(device), generator, **params)
 
 
 def _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype):

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .coefficients import contributions
 from .errors import NanPeftError
 from .gram import canonical_signs
+from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
 
 
 @dataclass(frozen=True)
@@ -99,20 +101,13 @@ def core_merges(adapters, coefficients, rule: str, params: dict, seed: int | Non
     the module's updates s_k B_k A_k, stacked in float64 on `device`, merged by RULES[rule] in their core space
     with the coefficients c_k as its weights, k = `rank` (truncated or zero-padded) or, for None, R = the sum of
     the ranks (exact). S: all singular values of the merged update."""
-    from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
-
     check_truncation(rule, None if rank is None else "svd")
     right_dense = rule in RIGHT_DENSE
-    for index, path in enumerate(coefficients.modules):
-        c = coefficients.values[index]
-        members = [k for k, a in enumerate(adapters) if path in a.modules and c[k] != 0]
-        if not members:
-            continue
-        modules = [adapters[k].modules[path] for k in members]
+    for path, modules, c in contributions(adapters, coefficients):
         B = torch.cat([mod.B.to(device, torch.float64) * mod.scale for mod in modules], dim=1)
         A = torch.cat([mod.A.to(device, torch.float64) for mod in modules])
         ranks = [mod.rank for mod in modules]
-        weights = c[members].to(device, torch.float64)
+        weights = c.to(device, torch.float64)
         space = core_space(B, A, ranks, weights, right_dense)
         generator = module_generator(seed, path) if seed is not None else None
         try:
