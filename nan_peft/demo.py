@@ -116,7 +116,7 @@ def _run(output, force, say) -> DemoReport:
     from transformers import LlamaForCausalLM
 
     from .merge import merge_adapters
-    from .record import input_entry, merge_record, provenance_files
+    from .record import input_entries, merge_record, provenance_files
 
     folder = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="nan-peft-demo-"))
     if folder.exists() and not folder.is_dir():
@@ -134,7 +134,7 @@ def _run(output, force, say) -> DemoReport:
 
     result = merge_adapters(paths)
     command = ["nan-peft", "merge", *map(str, paths), "-o", str(merged_dir)]
-    record = merge_record(result, [input_entry(str(p), p, p.name) for p in paths], command, {"device": "cpu", "heads": "drop", "serve": None})
+    record = merge_record(result, input_entries(paths, result.sources), command, {"device": "cpu", "heads": "drop", "serve": None})
     result.save_pretrained(merged_dir, overwrite=force, extra_files=provenance_files(result, record, str(merged_dir)))
     say(f"merged them with NAN coefficients into {merged_dir}")
 

@@ -36,13 +36,17 @@ class Written:
 
 def write_merge(result: MergeResult, output: str | os.PathLike, spec: OutputSpec, record: dict, *, overwrite: bool = False,
                 base_config: Mapping | None = None) -> Written:
-    """Write `result` as `spec` says, with the merge record (`record`, whose rank and deployment this sets to what
-    is written) and the model card beside it. base_config: the base model's config.json for format "gguf"."""
+    """Write `result` as `spec` says, with the merge record (`record`, whose rank and deployment options this sets
+    to what is written) and the model card beside it. base_config: the base model's config.json for format "gguf"."""
     heads = spec.heads  # "per-task" as the CLI spells it; MergeResult takes either spelling
     adapter = result.adapter_for(heads)
     plan, notes = None, []
     if spec.serve is not None:
-        plan = plan_for(adapter, target_for(spec.serve, spec.tensor_parallel or 1, spec.engine_version), where=str(output))
+        target = target_for(spec.serve, spec.tensor_parallel or 1, spec.engine_version)
+        record["options"].update(tensor_parallel=target.tensor_parallel, engine_version=target.version)
+        if spec.format == "gguf":
+            record["options"].update(format="gguf", base=spec.base)
+        plan = plan_for(adapter, target, where=str(output))
         plan.raise_for_errors()
         record["rank"] = plan.rank  # the rank written: padded for the engine
         notes += [f"{spec.serve}: {message}" for message in plan.changes + [f"{f.level}: {f.message}" for f in plan.findings if f.level != "info"]]
@@ -70,17 +74,6 @@ def fold_merge(result: MergeResult, output: str | os.PathLike, spec: FoldSpec, r
     memory = parse_max_memory(spec.max_memory) if spec.max_memory else None
     return result.fold_into(base, output, device=result.spec.device, device_map=spec.device_map, max_memory=memory,
                             overwrite=overwrite, extra_files=provenance_files(result, record, str(output)))
-
-
-def deployment_options(spec: OutputSpec) -> dict:
-    """What the record's options say of the deployment, beside heads and serve (nothing without an engine)."""
-    if spec.serve is None:
-        return {}
-    target = target_for(spec.serve, spec.tensor_parallel or 1, spec.engine_version)
-    options = {"tensor_parallel": target.tensor_parallel, "engine_version": target.version}
-    if spec.format == "gguf":
-        options.update(format="gguf", base=spec.base)
-    return options
 
 
 def check_combination(output: OutputSpec, fold: FoldSpec) -> OutputSpec:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -210,19 +210,12 @@ class FoldSpec:
     max_memory: str | None = option(None, "Memory per device for --device-map.", "Folding", metavar="0=20GiB,cpu=64GiB", kind=str)
 
 
-SPECS = (MergeSpec, OutputSpec, FoldSpec)
-
-
 def check_choices(spec, names: Sequence[str]) -> None:
     """NanPeftError for a field of `names` whose value is not one of its choices."""
     for name in names:
         value, choices = getattr(spec, name), type(spec).__dataclass_fields__[name].metadata["choices"]
         if value is not None and value not in choices:
             raise NanPeftError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
-
-
-def fields(*specs: type) -> list[dataclasses.Field]:
-    return [field for spec in specs for field in dataclasses.fields(spec)]
 
 
 def dtype_name(dtype: torch.dtype | str | None) -> str | None:
@@ -233,9 +226,3 @@ def dtype_name(dtype: torch.dtype | str | None) -> str | None:
     if not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
         raise NanPeftError(f"dtype must be a float type such as float32, float16 or bfloat16, not {dtype!r}")
     return str(resolved).removeprefix("torch.")
-
-
-def split(options: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-    """Options by name into the keywords of MergeSpec, OutputSpec and FoldSpec."""
-    names = [{field.name for field in dataclasses.fields(spec)} for spec in SPECS]
-    return tuple({key: value for key, value in options.items() if key in group} for group in names)  # type: ignore[return-value]

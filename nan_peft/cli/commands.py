@@ -36,7 +36,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     """
     from ..describe import merge_document
     from ..merge import merge_sources
-    from ..output import OptionConflict, check_combination, deployment_options, fold_merge, gguf_base_config, write_merge
+    from ..output import OptionConflict, check_combination, fold_merge, gguf_base_config, write_merge
     from ..record import input_entries, merge_record
     from ..publish import check_output
 
@@ -62,7 +62,7 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in app.UNRECORDED_FLAGS]
     if out.format == "gguf" and out.base is None:
         out = dataclasses.replace(out, base=result.adapter.base_model)
-    extra = {"device": spec.device, "heads": out.heads, "serve": out.serve, **deployment_options(out)}
+    extra = {"device": spec.device, "heads": out.heads, "serve": out.serve}
     record = merge_record(result, input_entries(paths, sources), command, extra, recipe=recipe_data or None)
     if fold.fold_into is not None:
         if fold.device_map and (quiet or not sys.stderr.isatty()):  # transformers' own loading/saving bars
