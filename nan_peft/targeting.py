@@ -17,6 +17,7 @@ only where the model has that module: not checked).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -128,7 +129,7 @@ def why_not_loaded(path: str, kind: str, config: Mapping) -> str | None:
         if isinstance(excluded, str):
             if re.fullmatch(excluded, path):
                 return f"exclude_modules {_shown(excluded)} full-matches"
-        elif path in excluded or any(path.endswith(f".{name}") for name in excluded):
+        elif _names(path, excluded):
             return f"exclude_modules ({_listed(excluded)}) names"
     saved = list(config.get("modules_to_save") or ()) + list(TASK_HEADS.get(config.get("task_type"), ()))
     for name in saved:  # peft never adapts a module inside a modules_to_save module (a regex, unescaped, in peft)
@@ -150,9 +151,9 @@ def why_not_loaded(path: str, kind: str, config: Mapping) -> str | None:
         if re.fullmatch(targets, path):
             return None
         return f"target_modules {_shown(targets)} does not full-match (peft matches a string target with re.fullmatch)"
-    if path in targets:  # an exact name: no layer rule applies
+    if path in _name_set(tuple(targets)):  # an exact name: no layer rule applies
         return None
-    if not any(path.endswith(f".{name}") for name in targets):
+    if not _names(path, targets):
         return f"target_modules ({_listed(targets)}) does not name"
     return _outside_layers(path, config)
 
@@ -163,8 +164,11 @@ def targeted_container(path: str, config: Mapping) -> str | None:
     (Linear, Embedding, Conv, Conv1D): peft raises "Target module ... is not supported" and loads nothing
     (peft tuners/lora/model.py _create_new_module). A regex such as ".*" or a name such as "self_attn" does it."""
     parts = path.split(".")
+    targets = config.get("target_modules")
     for end in range(1, len(parts)):
         ancestor = ".".join(parts[:end])
+        if isinstance(targets, list) and not _names(ancestor, targets):
+            continue  # the answer why_not_loaded gives, without building its reason
         if why_not_loaded(ancestor, "container", config) is None:
             return ancestor
     return None
@@ -195,6 +199,19 @@ def _outside_layers(path: str, config: Mapping) -> str | None:
     if index == layers if isinstance(layers, int) else index in layers:
         return None
     return f"is in layer {index}, which {where} leaves out"
+
+
+def _names(path: str, names: list[str]) -> bool:
+    """`path` is one of `names` or ends with ".name" for one of them (peft tuners/tuners_utils.py
+    check_target_module_exists: `key == target_key or key.endswith(f".{target_key}")`), tested by looking up each
+    dot-separated suffix of the path in a set: a 224-name list checked over a model's modules was 50 ms a read."""
+    named = _name_set(tuple(names))
+    return path in named or any(path[i + 1:] in named for i, char in enumerate(path) if char == ".")
+
+
+@functools.lru_cache(maxsize=16)
+def _name_set(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(names)
 
 
 def _is_int(value) -> bool:
