@@ -22,6 +22,10 @@ class Architecture:
     rename: Callable[[str], str | None] = lambda key: key
     """The name transformers gives a checkpoint key on loading (Llava's language_model.model.* loads as
     model.language_model.*, where peft's module paths point); None for a key it converts, not just renames."""
+    linear: frozenset[str] = frozenset()
+    """Weights of torch.nn.Linear layers, stored (out, in)."""
+    embeddings: frozenset[str] = frozenset()
+    """Weights of torch.nn.Embedding layers, stored (num_embeddings, dim)."""
 
 
 def architecture(config: dict) -> Architecture | None:
@@ -45,7 +49,10 @@ def architecture(config: dict) -> Architecture | None:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(parameter), []).append(name)
     transposed = frozenset(f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D))
-    return Architecture([tuple(names) for names in groups.values() if len(names) > 1], transposed, _loading_renames(model))
+    layers = {kind: frozenset(f"{name}.weight" for name, module in model.named_modules() if isinstance(module, kind))
+              for kind in (torch.nn.Linear, torch.nn.Embedding)}
+    return Architecture([tuple(names) for names in groups.values() if len(names) > 1], transposed, _loading_renames(model),
+                        layers[torch.nn.Linear], layers[torch.nn.Embedding])
 
 
 def _loading_renames(model) -> Callable[[str], str | None]:
