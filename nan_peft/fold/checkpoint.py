@@ -80,7 +80,7 @@ def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         others = sorted(p.name for p in folder.glob("*") if WEIGHT_FILE.fullmatch(p.name))
         found = f" (found {', '.join(others[:3])})" if others else ""
         raise NanPeftError(
-            f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{found}; folding needs safetensors weights "
+            f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{found}; nan-peft reads full models from safetensors weights only "
             "(convert a .bin model with transformers: from_pretrained(...).save_pretrained(..., safe_serialization=True))"
         )
     tensors, file_metadata = {}, {}
@@ -176,6 +176,32 @@ def read_tensor(fd: int, entry: StoredTensor, path: Path) -> torch.Tensor:
     data = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
     read_into(fd, data, entry.begin, path)
     return data.view(FLOATS[entry.dtype]).reshape(entry.shape)
+
+
+class TensorReader:
+    """A checkpoint's float tensors read one at a time by name (positioned reads; each shard opened once, on
+    first use): nothing but the tensor asked for is ever in memory. Use as a context manager."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint, self._fds = checkpoint, {}
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.checkpoint.tensors[name]
+        path = self.checkpoint.folder / entry.file
+        if entry.file not in self._fds:
+            self._fds[entry.file] = os.open(path, os.O_RDONLY)
+        return read_tensor(self._fds[entry.file], entry, path)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def copy_range(src: int, dst: int, offset: int, length: int, path: Path) -> None:

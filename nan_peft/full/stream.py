@@ -1,0 +1,159 @@
+"""The streamed full-checkpoint merge, one tensor at a time: the base tensor W_0 and each input's task vector
+tau_k = W_k - W_0 (a LoRA's s B A in W_0's layout) are read, their inner products <tau_i, tau_j> accumulated
+in float64, and the merged tensor W_0 + rule(c, tau) written in the base's shard layout and dtype. Memory stays
+about K + 2 tensors in float32, whatever the size of the model.
+
+Conventions, per tensor (mergekit 0.1.5 merge_methods/generalized_task_arithmetic.py, merge_group: every
+tensor, 1-D norms and biases and embeddings alike, gets the same rule on its task vectors):
+- the entry-wise rules (task_arithmetic, ties, dare_*, magnitude_prune) act on every tensor as on any update;
+- the spectral rules (iso_c, iso_cts, tsv, wudi, knots_*, svc) act on 2-D tensors (a conv weight as
+  (out, in * kernel)); a 1-D tensor has no singular vectors, so it gets task arithmetic's scale * sum_k c_k tau_k,
+  as the TSV-M and Iso-C reference code does for non-matrix parameters;
+- vocabulary rows (--vocab): with "base" an input's rows past the base's are left out; with "union" a row past
+  the base's takes the mean of the inputs that have it as its W_0 and each of those inputs its difference from
+  it, the others contributing nothing (mergekit tokenizer/embed.py, assign_embedding_sources: a token of one model
+  takes that model's embedding, of several their average). Token ids are taken to mean the same in every input
+  up to its size (tokens added at the end, as resize_token_embeddings does).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from ..errors import NanPeftError
+from ..fold.checkpoint import FLOATS, INDEX_NAME, ITEMSIZE, MODEL_CONFIG_NAME, TensorReader, copy_range, numel, write_all
+from ..rules import RULES, in_core_space, module_generator
+from .inputs import FullPlan, rows
+
+GRAM_COLUMNS = 1 << 20
+"""Entries per input converted to float64 at a time for the inner products."""
+
+
+class Readers:
+    """One TensorReader per checkpoint of the plan (the base's and each full input's), closed together."""
+
+    def __init__(self, plan: FullPlan) -> None:
+        self.plan, self._stack = plan, ExitStack()
+        self.base = self._stack.enter_context(TensorReader(plan.base))
+        self.inputs = [self._stack.enter_context(TensorReader(s.checkpoint)) if s.checkpoint is not None else None for s in plan.sources]
+
+    def __enter__(self) -> Readers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+def task_vectors(plan: FullPlan, readers: Readers, name: str, device) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """(W_0, members, taus) of tensor `name` in float32 on `device`: W_0 in the output's shape, and the stacked
+    task vectors (P, *shape) of the inputs `members` (indices into plan.sources) that have one there."""
+    weight = readers.base.read(name).to(device, torch.float32)
+    shape = plan.shapes[name]
+    counts = rows(plan, name) if weight.dim() else []
+    if shape != tuple(weight.shape):  # vocab union: rows past the base's start from the mean of the inputs that have them
+        grown = weight.new_zeros(shape)
+        grown[: weight.shape[0]] = weight
+        weight, have = grown, weight.new_zeros(shape[0])
+        for k, reader in enumerate(readers.inputs):
+            if reader is not None and counts[k] > plan.base.tensors[name].shape[0]:
+                extra = reader.read(name)[plan.base.tensors[name].shape[0] :].to(device, torch.float32)
+                weight[plan.base.tensors[name].shape[0] : counts[k]] += extra
+                have[plan.base.tensors[name].shape[0] : counts[k]] += 1
+        tail = slice(plan.base.tensors[name].shape[0], None)
+        weight[tail] /= have[tail].clamp_min(1).reshape(-1, *([1] * (weight.dim() - 1)))
+    members = [k for k, source in enumerate(plan.sources) if source.has(name)]
+    taus = weight.new_zeros((len(members), *shape))
+    for slot, k in enumerate(members):
+        source = plan.sources[k]
+        if source.checkpoint is None:
+            module = source.modules[name]
+            update = module.scale * (module.B.to(device, torch.float32) @ module.A.to(device, torch.float32))
+            taus[slot] = module.weight_delta(update.reshape(module.B.shape[0], -1))
+            continue
+        tuned = readers.inputs[k].read(name)
+        count = min(counts[k], shape[0]) if counts else None
+        if count is None:
+            taus[slot] = tuned.to(device, torch.float32) - weight
+        else:
+            taus[slot, :count] = tuned[:count].to(device, torch.float32) - weight[:count]
+    return weight, members, taus
+
+
+def inner_products(taus: torch.Tensor) -> torch.Tensor:
+    """(P, P) float64 on the CPU: <tau_i, tau_j>, accumulated in float64 over pieces of GRAM_COLUMNS entries."""
+    flat = taus.reshape(taus.shape[0], -1)
+    gram = torch.zeros((flat.shape[0], flat.shape[0]), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.shape[1], GRAM_COLUMNS):
+        piece = flat[:, start : start + GRAM_COLUMNS].double()
+        gram.addmm_(piece, piece.T)
+    return gram.cpu()
+
+
+def merged_update(taus: torch.Tensor, weights: torch.Tensor, name: str, rule: str, given: dict, seed: int | None) -> torch.Tensor:
+    """The rule's merged update of one tensor from its task vectors and coefficients (inputs with c_k = 0 left
+    out), under the conventions of the module docstring."""
+    keep = weights != 0
+    taus, weights = taus[keep.to(taus.device)], weights[keep].to(taus.device, taus.dtype)
+    if taus.shape[0] == 0:
+        return torch.zeros(taus.shape[1:], dtype=taus.dtype, device=taus.device)
+    if in_core_space(rule, given) and taus.dim() != 3:
+        if taus.dim() == 2:  # a 1-D tensor: task arithmetic
+            return given.get("scale", 1.0) * (weights[:, None] * taus).sum(0)
+        return merged_update(taus.reshape(*taus.shape[:2], -1), weights, name, rule, given, seed).reshape(taus.shape[1:])
+    generator = module_generator(seed, name) if seed is not None else None
+    return RULES[rule](taus, weights, generator, **given)
+
+
+def each_tensor(plan: FullPlan, device) -> Iterator[tuple[str, torch.Tensor, list[int], torch.Tensor]]:
+    """(name, W_0, members, taus) of every float tensor of the base, in its shards' order."""
+    with Readers(plan) as readers:
+        for name in plan.tensors:
+            yield (name, *task_vectors(plan, readers, name, device))
+
+
+def check_finite(gram: torch.Tensor, plan: FullPlan, name: str, members: list[int]) -> None:
+    bad = ~torch.isfinite(gram.diagonal())
+    if bad.any():
+        source = plan.sources[members[int(bad.nonzero()[0])]]
+        raise NanPeftError(f"{source.path}: tensor {name} holds NaN or Inf (or its task vector overflows): refusing to merge it")
+
+
+def write_checkpoint(plan: FullPlan, merged: Callable[[str], torch.Tensor], tmp: Path) -> None:
+    """The base's shards, tensor names and dtypes with each float tensor `merged(name)` (in the base's order, so
+    that merged is called once per tensor, in plan.tensors order); other tensors copied byte for byte; the index
+    and config.json."""
+    base = plan.base
+    total = 0
+    for file in base.files:
+        names = sorted((n for n, e in base.tensors.items() if e.file == file), key=lambda n: base.tensors[n].begin)
+        header, offset = {}, 0
+        if base.file_metadata[file]:
+            header["__metadata__"] = base.file_metadata[file]
+        for name in names:
+            entry = base.tensors[name]
+            size = numel(plan.shapes[name]) * ITEMSIZE.get(entry.dtype, 1) if entry.dtype in FLOATS else entry.end - entry.begin
+            header[name] = {"dtype": entry.dtype, "shape": list(plan.shapes[name]), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(base.folder / file, "rb", buffering=0) as source, open(tmp / file, "wb", buffering=0) as out:
+            write_all(out.fileno(), struct.pack("<Q", len(raw)) + raw)
+            for name in names:
+                entry = base.tensors[name]
+                if entry.dtype not in FLOATS:
+                    copy_range(source.fileno(), out.fileno(), entry.begin, entry.end - entry.begin, base.folder / file)
+                    continue
+                tensor = merged(name).to(FLOATS[entry.dtype]).cpu().contiguous()
+                write_all(out.fileno(), tensor.reshape(-1).view(torch.uint8).numpy().data)
+        total += offset
+    if base.sharded:
+        index = {"metadata": {**base.index_metadata, "total_size": total},
+                 "weight_map": {name: base.tensors[name].file for name in sorted(base.tensors)}}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
