@@ -31,6 +31,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 HEADS = ("drop", "per-task", "keep")
 FORMATS = ("peft", "gguf")
 SIGN_METHODS = ("total", "frequency")
+VOCABS = ("base", "union")
 
 
 def option(default: Any, help: str, section: str, *, choices: Sequence[str] | None = None, metavar: str | None = None,
@@ -190,11 +191,14 @@ class OutputSpec:
                                         "[default: installed, else the oldest rules].", "Input and output", metavar="V", kind=str)
     format: str = option("peft", "peft: adapter_config.json + adapter_model.safetensors [default]; gguf: adapter_model.gguf for llama.cpp "
                          "and Ollama (implies --serve llamacpp; needs --base; pip install 'nan-peft[gguf]').", "Input and output", choices=FORMATS)
-    base: str | None = option(None, "The base model's folder (its config.json) for --format gguf [default: base_model_name_or_path, when "
-                              "a local folder].", "Input and output", metavar="BASE", kind=str)
+    base: str | None = option(None, "The base model's folder: the one full fine-tuned inputs were tuned from (their task vectors are "
+                              "W_k - BASE), or its config.json for --format gguf [default: base_model_name_or_path, when a local "
+                              "folder].", "Input and output", metavar="BASE", kind=str)
+    vocab: str | None = option(None, "Full checkpoints whose vocabulary differs from the base's: keep the base's rows (base) or every "
+                               "input's (union) [default: refuse].", "Input and output", choices=VOCABS)
 
     def __post_init__(self):
-        check_choices(self, ("heads", "serve", "format"))
+        check_choices(self, ("heads", "serve", "format", "vocab"))
         if self.tensor_parallel is not None:
             Target("peft", self.tensor_parallel)  # the one check of a tensor-parallel degree
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..spec import FoldSpec, MergeSpec, OutputSpec
+from ..full.inputs import is_checkpoint
 from . import app, render
 from .app import cli, opt, output_options, spec_options, stage
 
@@ -41,12 +42,15 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     from ..publish import check_output
 
     recipe_data = app.load_recipe(recipe) if recipe else {}
+    paths = list(adapters) or recipe_data.get("adapters") or []
+    full = any(is_checkpoint(path) for path in paths)  # full fine-tuned checkpoints among the inputs (nan_peft.full)
     try:
         spec, out, fold = app.build_specs(given, recipe_data)
-        out = check_combination(out, fold)
+        out = out if full else check_combination(out, fold)
+        if out.vocab is not None and not full:
+            raise OptionConflict("--vocab goes with full checkpoints (nan-peft merge --base BASE FT1 FT2 ...)")
     except OptionConflict as error:
         raise click.UsageError(str(error), ctx) from None
-    paths = list(adapters) or recipe_data.get("adapters") or []
     output = output or recipe_data.get("output")
     force = force or bool(recipe_data.get("force"))
     if not paths:
@@ -54,6 +58,8 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     if not output:
         raise click.UsageError("give the output folder with -o / --output (or `output:` in the recipe)", ctx)
     check_output(output, force, "--force")
+    if full:
+        return _merge_full(ctx, paths, output, force, spec, out, fold, recipe_data, as_json, quiet)
 
     sources = app.read_sources(paths, quiet, spec.allow_different_bases, spec.allow_duplicates)
     base_config = gguf_base_config(out.base or sources[0].base_model) if out.format == "gguf" else None
@@ -81,19 +87,51 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
     render.print_json(document) if as_json else click.echo(render.merge_text(document, output))
 
 
+def _merge_full(ctx, paths, output, force, spec, out, fold, recipe_data, as_json, quiet) -> None:
+    """`nan-peft merge --base BASE FT1 FT2 ... -o OUT`: full checkpoints (and adapters) merged as task vectors."""
+    from ..full import check_full_options, full_document, merge_checkpoints
+
+    check_full_options(out, fold)
+    command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in app.UNRECORDED_FLAGS]
+    with stage(f"task vectors tensor by tensor: norms, coefficients, merge into {output}", quiet):
+        done = merge_checkpoints(out.base, paths, output, spec, vocab=out.vocab, overwrite=force, command=command,
+                                 recipe=recipe_data or None)
+    document = full_document(done, output)
+    if as_json:
+        return render.print_json(document)
+    g = render.g
+    rows = [[i["name"], i["kind"], g(i["norm"]), "per tensor" if i["coefficient"] is None else g(i["coefficient"])] for i in document["inputs"]]
+    click.echo(render.table(["input", "kind", "norm", "coefficient"], rows))
+    click.echo(f"\nmerged checkpoint: {output} ({document['tensors']} tensors, the base's shard layout and dtypes)")
+
+
 @cli.command(short_help="Norms, cosine similarities and the coefficients each option gives.")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
 @opt("--allow-different-bases", is_flag=True, section="Input", help="Accept adapters whose configs name different base models.")
+@opt("--base", metavar="BASE", section="Input", help="The base model of full fine-tuned inputs: their task vectors are W_k - BASE.")
+@opt("--vocab", type=click.Choice(["base", "union"]), section="Input", help="Full checkpoints whose vocabulary differs from the base's "
+     "(see merge --vocab).")
 @opt("--device", metavar="cpu|cuda|auto", section="Execution", help="Where to compute [default cpu].")
 @output_options()
-def norms(adapters, allow_different_bases, device, as_json, quiet, debug) -> None:
+def norms(adapters, allow_different_bases, base, vocab, device, as_json, quiet, debug) -> None:
     """Show each ADAPTER's update norm ||dW||_F, the pairwise cosine similarities of the updates and the
-    coefficients NAN (and uniform) would give, computed from r x r Gram matrices. Writes nothing."""
+    coefficients NAN (and uniform) would give, computed from r x r Gram matrices. Writes nothing. Full fine-tuned
+    checkpoints (with --base) are shown by their task vectors' norms, and every inner product <tau_i, tau_j>."""
     from ..describe import norms_document
     from ..devices import resolve_device
     from ..norms import update_gram
 
     compute = resolve_device(device or "cpu")
+    if any(is_checkpoint(path) for path in adapters):
+        from ..full import norms_sources, read_plan, task_vector_gram
+
+        plan = read_plan(base, list(adapters), vocab, allow_different_bases)
+        with stage("task vectors tensor by tensor", quiet):
+            gram = task_vector_gram(plan, compute)
+        document = {**norms_document(norms_sources(plan), adapters, gram), "inner_products": gram.adapter_inner.tolist()}
+        return render.print_json(document) if as_json else click.echo(render.norms_text(document))
+    if base or vocab:
+        raise click.UsageError("--base and --vocab go with full checkpoints among the inputs")
     sources = app.read_sources(list(adapters), quiet, allow_different_bases, allow_duplicates=True)  # shown, not merged
     with stage("norms", quiet):
         gram = update_gram(sources, compute)

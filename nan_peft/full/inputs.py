@@ -20,8 +20,8 @@ from ..fold.checkpoint import FLOATS, MODEL_CONFIG_NAME, Checkpoint, read_checkp
 from ..fold.plan import plan_fold
 from ..lora import LoraAdapter, LoraModule
 from ..peft_format import CONFIG_NAME as ADAPTER_CONFIG
+from ..spec import VOCABS
 
-VOCABS = ("base", "union")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
