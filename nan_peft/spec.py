@@ -214,6 +214,60 @@ class FoldSpec:
     max_memory: str | None = option(None, "Memory per device for --device-map.", "Folding", metavar="0=20GiB,cpu=64GiB", kind=str)
 
 
+def _like(spec: type, name: str, section: str, default: Any = None, help: str | None = None) -> Any:
+    """A field with the help (unless given), choices and checks of `spec`'s field `name` (one word per concept), in `section`."""
+    metadata = spec.__dataclass_fields__[name].metadata
+    return dataclasses.field(default=default, metadata={**metadata, "section": section, "help": help or metadata["help"]})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSpec:
+    """How a LoRA adapter is extracted from a full fine-tune (nan_peft.extract): at each module the best rank-k
+    approximation of its task vector tau = W_ft - W_base, k from rank and/or energy."""
+
+    rank: int | None = option(None, "Rank of each module's factors: the best rank-R approximation of its task vector (Eckart-Young).",
+                              "Extraction", metavar="R", kind=int, minimum=1)
+    energy: float | None = option(None, "Per module, the smallest rank keeping this fraction of ||tau||_F^2, in (0, 1] (with --rank: "
+                                  "at most R).", "Extraction", metavar="F", kind=(int, float))
+    modules: tuple[str, ...] = option((), "Regex searched in each module path, repeatable: extract the modules some regex matches; a "
+                                      "leading ! excludes the modules it matches [default: every Linear, Conv1D and Embedding weight].",
+                                      "Extraction", metavar="REGEX", kind=list)
+    truncation: str | None = _like(MergeSpec, "truncation", "Extraction", help="How each task vector is factored: exact (a dense SVD), "
+                                   "randomized (block Krylov range finder, seeded) or auto, by cost [default auto; recorded per module].")
+    oversample: int | None = _like(MergeSpec, "oversample", "Extraction")
+    power_iterations: int | None = _like(MergeSpec, "power_iterations", "Extraction")
+    sketch_seed: int | None = _like(MergeSpec, "sketch_seed", "Extraction")
+    device: str = _like(MergeSpec, "device", "Execution", default="cpu")
+    dtype: str | None = option(None, "dtype of the written factors [default: the fine-tune's; float32 if it mixes dtypes].", "Execution",
+                               choices=DTYPES)
+
+    def __post_init__(self):
+        import re
+
+        set_ = object.__setattr__
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise NanPeftError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.energy is not None and (isinstance(self.energy, bool) or not isinstance(self.energy, (int, float))
+                                        or not 0 < self.energy <= 1):
+            raise NanPeftError(f"energy must be a fraction in (0, 1], got {self.energy!r}")
+        if self.rank is None and self.energy is None:
+            raise NanPeftError("give the rank of the extracted factors (--rank R) or the fraction of each task vector to keep (--energy F)")
+        modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules or ())
+        for pattern in modules:
+            try:
+                re.compile(pattern.removeprefix("!"))
+            except (re.error, AttributeError) as error:
+                raise NanPeftError(f"modules: {pattern!r} is not a regular expression ({error})") from None
+        set_(self, "modules", modules)
+        check_choices(self, ("truncation",))
+        for key in ("oversample", "power_iterations", "sketch_seed"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise NanPeftError(f"{key} must be a non-negative integer, got {value!r}")
+        set_(self, "device", str(resolve_device(self.device)))
+        set_(self, "dtype", dtype_name(self.dtype))
+
+
 def check_choices(spec, names: Sequence[str]) -> None:
     """NanPeftError for a field of `names` whose value is not one of its choices."""
     for name in names:

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import NanPeftError, first_line
 from ..spec import FoldSpec, MergeSpec, OutputSpec
 
-SECTIONS = ("Input and output", "Coefficients", "Merge rule", "Combination", "Folding", "Execution")
+SECTIONS = ("Input and output", "Coefficients", "Merge rule", "Combination", "Folding", "Extraction", "Execution")
 RECIPE_KEYS = ("adapters", "output", "force", *(field.name for spec in (MergeSpec, OutputSpec, FoldSpec) for field in dataclasses.fields(spec)))
 # Flags that change nothing in the output folder: left out of the recorded command so that reruns match.
 UNRECORDED_FLAGS = ("--force", "--quiet", "-q", "--debug", "--json")
@@ -116,6 +116,8 @@ def spec_options(*specs: type):
                 kwargs["type"] = click.Choice(list(meta["choices"]))
             elif meta["kind"] is bool and not meta["flag"]:
                 kwargs["is_flag"] = True
+            elif meta["kind"] is list:  # repeatable: --name A --name B
+                kwargs["multiple"] = True
             elif meta["kind"] is int:
                 kwargs["type"] = click.IntRange(min=meta["minimum"]) if meta["minimum"] is not None else int
             elif meta["kind"] == (int, float):

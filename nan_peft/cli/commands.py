@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..spec import FoldSpec, MergeSpec, OutputSpec
+from ..spec import ExtractSpec, FoldSpec, MergeSpec, OutputSpec
 from ..full.inputs import is_checkpoint
 from . import app, render
 from .app import cli, opt, output_options, spec_options, stage
@@ -155,6 +155,48 @@ def inspect_adapter(adapter, tensor_parallel, engine_version, as_json, quiet, de
     (source,) = app.read_sources([adapter], quiet)
     document = adapter_document(source, adapter, tensor_parallel, engine_version)
     render.print_json(document) if as_json else click.echo(render.adapter_text(document))
+
+
+@cli.command(short_help="Extract a LoRA adapter from a full fine-tune: the best rank-R factors of each task vector.")
+@click.argument("fine_tune", metavar="FT")
+@opt("--base", required=True, metavar="BASE", section="Input and output", help="The model FT was fine-tuned from (a folder or Hub id).")
+@opt("-o", "--output", required=True, metavar="DIR", section="Input and output", help="Folder to write the adapter to.")
+@opt("--force", is_flag=True, section="Input and output", help="Replace OUTPUT if it exists (atomically).")
+@spec_options(ExtractSpec)
+@output_options()
+@click.pass_context
+def extract(ctx: click.Context, fine_tune, base, output, force, as_json, quiet, debug, **given) -> None:
+    """Write the LoRA adapter of the full fine-tune FT over BASE (transformers safetensors checkpoints, read one
+    tensor at a time): at every Linear, Conv1D and Embedding weight, the best rank-R approximation of its task vector
+    W_ft - W_base (or, with --energy F, the smallest rank keeping that fraction of ||tau||_F^2), with
+    extract_record.json (each module's rank and discarded norm) and a model card.
+
+    \b
+    Examples:
+      nan-peft extract FT --base BASE -o adapter --rank 16
+      nan-peft extract FT --base BASE -o adapter --energy 0.9 --rank 64 --modules self_attn --modules '!k_proj'
+    """
+    from ..extract import extract_lora, extract_record
+    from ..publish import check_output
+
+    spec = ExtractSpec(**{key: value for key, value in given.items() if value not in (None, ())})
+    check_output(output, force, "--force")
+    with stage(f"extracting {fine_tune}", quiet):
+        extraction = extract_lora(fine_tune, base, spec)
+    command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "extract"]) if arg not in app.UNRECORDED_FLAGS]
+    with stage(f"writing {output}", quiet):
+        written = extraction.save_pretrained(output, overwrite=force, command=command)
+    record = extract_record(extraction, command)
+    if record["left_out"]:
+        app.note(f"note: {len(record['left_out'])} tensors the fine-tune changed are not in the adapter (1-D, or excluded); "
+                 "extract_record.json lists them with their norms", quiet)
+    if as_json:
+        render.print_json({"output": output, "files": sorted(p.name for p in Path(written).iterdir()), **record})
+        return
+    g, worst = render.g, max(record["modules"], key=lambda m: m["relative_discarded"])
+    click.echo(f"extracted {len(record['modules'])} modules at rank {record['rank']}: ||tau||_F = {g(record['norm'])}, discarded "
+               f"{g(record['discarded'])} ({g(100 * record['relative_discarded'])}%); largest relative discarded "
+               f"{g(100 * worst['relative_discarded'])}% ({worst['module']})\nadapter: {output}")
 
 
 @cli.command(short_help="Build a tiny model and adapters locally, merge them with NAN, check the result.")
