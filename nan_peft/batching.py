@@ -114,9 +114,9 @@ def stacked_chunks(
         yield slice(begin, end), piece
 
 
-def _stack(chunk, ranks, n, m, device, dtype, out=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stacks (A (G, R, n), B (G, m, R)) of the chunk's terms, the weights applied to B; written into
-    out = (A, B) when given (buffers reused across batches)."""
+def _stack(chunk, ranks, n, m, device, dtype, out=None, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacks (A (G, R, n), B (G, m, R)) of the chunk's terms, the weights applied to B (unless not
+    `weighted`: the factors' own values); written into out = (A, B) when given (buffers reused across batches)."""
     R = sum(ranks)
     if out is not None:
         A, B = out
@@ -127,6 +127,8 @@ def _stack(chunk, ranks, n, m, device, dtype, out=None) -> tuple[torch.Tensor, t
         offset = 0
         for (_, module, weight), r in zip(path_terms, ranks):
             A[g, offset : offset + r].copy_(module.A)
-            B[g, :, offset : offset + r].copy_(module.B).mul_(weight)
+            block = B[g, :, offset : offset + r].copy_(module.B)
+            if weighted:
+                block.mul_(weight)
             offset += r
     return A, B

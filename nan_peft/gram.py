@@ -71,8 +71,8 @@ def truncation_from_grams(
     exceeds `max_condition` (or a Gram is singular: a zero row, the same adapter twice, R above m or n)
     ok is False and that module's results are not to be used (use truncate_low_rank there).
     """
-    La, ok_a, scale_a = _scaled_cholesky(AAt, max_condition)
-    Lb, ok_b, scale_b = _scaled_cholesky(BtB, max_condition)
+    La, ok_a, scale_a, _ = _scaled_cholesky(AAt, max_condition)
+    Lb, ok_b, scale_b, _ = _scaled_cholesky(BtB, max_condition)
     ok = ok_a & ok_b
     # unscaled factors: AAt = (La / scale_a) (La / scale_a)^T, scale = diag(Gram)^-1/2 as a column
     core = (Lb / scale_b).mT @ (La / scale_a)
@@ -85,10 +85,11 @@ def truncation_from_grams(
     return Pb, Pa, S, ok
 
 
-def _scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L, ok, scale): L L^T = D gram D with D = diag(scale), scale = diag(gram)^-1/2 as an (..., R, 1) column,
-    and ok where the factorisation succeeded with a condition bound R ||L^-1||_F^2 below max_condition.
-    Where not ok, L is the identity (harmless numbers, to be discarded)."""
+def _scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L, ok, scale, inverse): L L^T = D gram D with D = diag(scale), scale = diag(gram)^-1/2 as an (..., R, 1)
+    column, and ok where the factorisation succeeded with a condition bound R ||L^-1||_F^2 below max_condition;
+    inverse = L^-1 (computed for the bound anyway: a caller applies it as a product instead of a triangular solve).
+    Where not ok, L and its inverse are the identity (harmless numbers, to be discarded)."""
     R = gram.shape[-1]
     diagonal = gram.diagonal(dim1=-2, dim2=-1)
     usable = (diagonal > 0) & torch.isfinite(diagonal).all(-1, keepdim=True)
@@ -100,7 +101,7 @@ def _scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Te
     inverse = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
     bound = R * inverse.square().sum((-2, -1))
     ok = ok & torch.isfinite(bound) & (bound < max_condition)
-    return torch.where(ok[..., None, None], L, eye), ok, scale
+    return torch.where(ok[..., None, None], L, eye), ok, scale, torch.where(ok[..., None, None], inverse, eye)
 
 
 def canonical_signs(L: torch.Tensor, Rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

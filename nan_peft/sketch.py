@@ -59,22 +59,25 @@ def randomized_svd(
     blur singular values closer than 1e-4 apart). Everything is BLAS-3 (Cholesky QR, a c x c eigenproblem):
     Householder QR and the SVD of a tall matrix cost more here than the products themselves."""
     wide = torch.promote_types(omega.dtype, torch.float64)
-    basis = None  # [Q_0 | Q_1 | ...] in float64, filled block by block
-    products: list[torch.Tensor] = []
+    basis = Ct = None  # [Q_0 | Q_1 | ...] and [M^T Q_0 | M^T Q_1 | ...] in float64, filled block by block
     used, X = 0, omega
     for step in range(power_iterations + 1):
         Y = apply(X.to(omega.dtype))
         if basis is None:
-            basis = Y.new_empty((*Y.shape[:-1], min(Y.shape[-2], (power_iterations + 1) * omega.shape[-1])), dtype=wide)
+            width = min(Y.shape[-2], (power_iterations + 1) * omega.shape[-1])
+            basis = Y.new_empty((*Y.shape[:-1], width), dtype=wide)
         Q = orthonormal_basis(Y, basis[..., :used] if used else None)
         if Q.shape[-1] == 0:
             break
         basis[..., used : used + Q.shape[-1]] = Q
+        product = apply_t(Q.to(omega.dtype))
+        if Ct is None:
+            Ct = product.new_empty((*product.shape[:-1], basis.shape[-1]), dtype=wide)
+        Ct[..., used : used + Q.shape[-1]] = product
         used += Q.shape[-1]
-        products.append(apply_t(Q.to(omega.dtype)))
         if step < power_iterations:
-            X = orthonormal_basis(products[-1], passes=1)  # the next block's input: any well-conditioned basis
-    Q, Ct = basis[..., :used], torch.cat(products, -1).to(wide)
+            X = orthonormal_basis(product, passes=1)  # the next block's input: any well-conditioned basis
+    Q, Ct = basis[..., :used], Ct[..., :used]
     values, W = torch.linalg.eigh(Ct.mT @ Ct)  # ascending
     values, W = values.flip(-1), W.flip(-1)
     S = values.clamp_min(0).sqrt()
@@ -98,7 +101,8 @@ def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None, passe
     room.
 
     Cholesky QR twice (Y D = Q L^T from the Jacobi-scaled Gram D Y^T Y D = L L^T, as gram.truncation_from_grams
-    does; the second pass makes the first orthonormal to rounding), with the projection repeated before each pass
+    does, Q = Y D L^-T as a product with the inverse that the condition bound needs anyway: a batched triangular solve
+    runs far below the GEMM rate; the second pass makes the first orthonormal to rounding), with the projection repeated before each pass
     (classical Gram-Schmidt twice; passes=1: one pass, orthonormal to ~1e-8 only). Where a Cholesky factor fails or the scaled Gram's condition bound passes
     CHOLESKY_QR_CONDITION (Y of lower rank than its columns, or ill-conditioned), Householder QR does the same passes
     instead: its Q is orthonormal whatever Y's rank. BLAS-3 on the fast path: Householder QR of a tall block costs
@@ -111,11 +115,11 @@ def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None, passe
     Q = Y
     for _ in range(passes):
         if before is not None:
-            Q = Q - before @ (before.mT @ Q)
-        L, ok, scale = _scaled_cholesky(Q.mT @ Q, CHOLESKY_QR_CONDITION)
+            Q = torch.baddbmm(Q, before, before.mT @ Q, alpha=-1) if Q.dim() == 3 else Q - before @ (before.mT @ Q)
+        _, ok, scale, inverse = _scaled_cholesky(Q.mT @ Q, CHOLESKY_QR_CONDITION)
         if not bool(ok.all()):
             break
-        Q = torch.linalg.solve_triangular(L, (Q * scale.mT).mT, upper=False).mT
+        Q = Q @ (scale * inverse.mT)  # Q D L^-T: one product with the inverse the condition bound computed
     else:
         return Q
     Q = Y
@@ -126,6 +130,12 @@ def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None, passe
     return Q
 
 
-def factored(B: torch.Tensor, A: torch.Tensor) -> tuple[Apply, Apply]:
-    """(apply, apply_t) of M = B @ A for whole factors B (..., m, R) and A (..., R, n): M X = B (A X), never B A."""
-    return (lambda X: B @ (A @ X)), (lambda Y: A.mT @ (B.mT @ Y))
+def factored(B: torch.Tensor, A: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[Apply, Apply]:
+    """(apply, apply_t) of M = B diag(weights) A for whole factors B (..., m, R) and A (..., R, n) and the weight of
+    each of the R columns of B (rows of A), (..., R) or None for all 1: M X = B (w * (A X)), never B A. With the
+    weights apart, the stacks hold the factors' own values (a caller reads them again exactly, truncation._discarded)
+    and weighting costs R l products a block instead of a pass over B."""
+    if weights is None:
+        return (lambda X: B @ (A @ X)), (lambda Y: A.mT @ (B.mT @ Y))
+    w = weights.to(A.dtype).unsqueeze(-1)
+    return (lambda X: B @ (w * (A @ X))), (lambda Y: A.mT @ (w * (B.mT @ Y)))

@@ -140,13 +140,14 @@ def _truncate_stacked(group: Group, rank: int, dtype: torch.dtype, device, max_b
     for start in range(0, G, step):
         chunk = group.terms[start : start + step]
         count = len(chunk)
-        A, B = _stack(chunk, group.ranks, n, m, device, stack_dtype, out=(A_buffer[:count], B_buffer[:count]))
+        A, B = _stack(chunk, group.ranks, n, m, device, stack_dtype, out=(A_buffer[:count], B_buffer[:count]), weighted=how == "dense")
         if how == "dense":
             B_r, A_r, S = truncate_dense(B @ A, rank)
             norm, discarded = S.square().sum(-1).sqrt(), tail_energy(S, rank)
         else:
             columns = min(rank + sketch["oversample"], m, n)
-            apply, apply_t = factored(B, A)
+            weights = group.weights(device=device)[start : start + count]  # the stacks hold the factors' own values
+            apply, apply_t = factored(B, A, weights)
             # the Krylov bases (orthogonalised against each other: the costly part after the products) on the
             # shorter side: M^T where m > n (gate_proj, up_proj), the transposed result turned back
             omega = seeded_gaussians(group.paths[start : start + count], max(m, n), columns, sketch["seed"], stack_dtype, device)
@@ -157,7 +158,7 @@ def _truncate_stacked(group: Group, rank: int, dtype: torch.dtype, device, max_b
                 L, S, Rt = randomized_svd(apply, apply_t, omega, rank, sketch["power_iterations"])
             B_r, A_r = (x.to(torch.float64) for x in split_singular(L, S, Rt, rank))
             norm = torch.tensor([exact_norms[p] for p in group.paths[start : start + count]], dtype=torch.float64, device=device)
-            discarded = _discarded(group, start, start + count, B_r, A_r, norm, buffer)
+            discarded = _discarded(B, A, weights, B_r, A_r, norm, buffer)
         kept = (S[..., :rank] > 0).sum(-1).tolist()
         B_r, A_r = B_r.to("cpu", dtype), A_r.to("cpu", dtype)
         norm, discarded = norm.cpu().tolist(), discarded.cpu().tolist()
@@ -174,26 +175,42 @@ def sketch_dtype(group: Group) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
-def _discarded(group: Group, start: int, stop: int, B_r: torch.Tensor, A_r: torch.Tensor, norm: torch.Tensor,
+def _discarded(B: torch.Tensor, A: torch.Tensor, weights: torch.Tensor, B_r: torch.Tensor, A_r: torch.Tensor, norm: torch.Tensor,
                buffer: torch.Tensor) -> torch.Tensor:
-    """||dW - B_r A_r||_F for modules group.paths[start:stop], exactly (float64) and without dW: with dW = B A
-    (B = [w_1 B_1 | ...]), ||dW - B_r A_r||^2 = ||dW||^2 - 2 <B A, B_r A_r> + ||B_r A_r||^2, where
-    <B A, B_r A_r> = sum(diag(w) (B^T B_r) * (A A_r^T)) and ||B_r A_r||^2 = sum((B_r^T B_r) * (A_r A_r^T)) need
-    products with k = rank columns only (one pass over the factors, converted to float64 in `buffer`), and ||dW||
-    (`norm`) comes from the Grams. Exact for the factors returned, however they were found; rounding error about
+    """||dW - B_r A_r||_F for the modules of the stacks B (G, m, R) and A (G, R, n) (the factors' own values, any
+    float dtype), dW = B diag(weights) A, exactly (float64) and without dW: ||dW - B_r A_r||^2 = ||dW||^2
+    - 2 <dW, B_r A_r> + ||B_r A_r||^2, where <dW, B_r A_r> = sum(diag(w) (B^T B_r) * (A A_r^T)) and
+    ||B_r A_r||^2 = sum((B_r^T B_r) * (A_r A_r^T)) need products with k = rank columns only (one pass over the stacks,
+    converted to float64 a cache-sized piece at a time in `buffer`: the conversion is exact), and ||dW|| (`norm`)
+    comes from the Grams. Exact for the factors returned, however they were found; rounding error about
     2.2e-16 ||dW||^2 in the square."""
-    k = B_r.shape[-1]
-    G, R = stop - start, group.rank
+    G, R, k = B.shape[0], B.shape[-1], B_r.shape[-1]
     BtBr = buffer.new_zeros((G, R, k))
     AAr = buffer.new_zeros((G, R, k))
-    for rows, piece in stacked_chunks(group, "B", buffer, start, stop):
+    for rows, piece in _float64_pieces(B, -2, buffer):
         BtBr.baddbmm_(piece.mT, B_r[:, rows])
-    for columns, piece in stacked_chunks(group, "A", buffer, start, stop):
+    for columns, piece in _float64_pieces(A, -1, buffer):
         AAr.baddbmm_(piece, A_r[..., columns].mT)
-    weights = group.weights(device=buffer.device)[start:stop]
-    cross = (weights.unsqueeze(-1) * BtBr * AAr).sum((-2, -1))
+    cross = (weights.to(torch.float64).unsqueeze(-1) * BtBr * AAr).sum((-2, -1))
     kept = ((B_r.mT @ B_r) * (A_r @ A_r.mT)).sum((-2, -1))
     return (norm.square() - 2 * cross + kept).clamp_min(0).sqrt()
+
+
+def _float64_pieces(stack: torch.Tensor, dim: int, buffer: torch.Tensor):
+    """Yield (s, stack[..., s, :] or stack[..., s] in float64): slices of `stack` along `dim` (-2 or -1), each
+    converted into `buffer` (reused: consume a piece before asking for the next), or the stack's own slices where it
+    is float64 already."""
+    if stack.dtype == torch.float64:
+        yield slice(None), stack
+        return
+    length = stack.shape[dim]
+    across = stack.numel() // length
+    if buffer.numel() < across:  # a tiny max_batch_bytes: one slice at a time in a buffer of its own
+        buffer = buffer.new_empty(across)
+    step = max(1, min(length, buffer.numel() // across))
+    for begin in range(0, length, step):
+        part = stack[..., begin : begin + step, :] if dim == -2 else stack[..., begin : begin + step]
+        yield slice(begin, begin + step), buffer[: part.numel()].view(part.shape).copy_(part)
 
 
 def _truncate_group(group: Group, rank: int, dtype: torch.dtype, buffer: torch.Tensor):
