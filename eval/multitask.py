@@ -197,12 +197,13 @@ def test_rows(setting, seed, fixed, paths, score, rank) -> list[dict]:
                 adapter, multiplier = merge(paths, rule, coefficients, rank, scale=scale).adapter, 1.0
             else:
                 adapter, multiplier = merge(paths, rule, coefficients, rank, calibrate=False).adapter, scale
-            rows.append(row(setting, seed, rule, "val-chosen", "test", score(adapter, "test", multiplier), alone,
-                            gamma=float(gamma), scale=scale, **common))
+            chosen_scores = score(adapter, "test", multiplier)
+            rows.append(row(setting, seed, rule, "val-chosen", "test", chosen_scores, alone, gamma=float(gamma), scale=scale, **common))
             auto = merge(paths, rule, coefficients, rank, scale="auto")
             chosen = auto.options["scale_chosen"]
-            rows.append(row(setting, seed, rule, "auto", "test", score(auto.adapter, "test"), alone, scale=chosen,
-                            gamma=chosen * info["norm"] / info["reference"], **common))
+            same = abs(chosen - scale) <= 1e-9 * scale  # the same update (up to rounding): scored once
+            rows.append(row(setting, seed, rule, "auto", "test", chosen_scores if same else score(auto.adapter, "test"), alone,
+                            scale=chosen, gamma=chosen * info["norm"] / info["reference"], same_as_val_chosen=same, **common))
             if rule == "task_arithmetic":
                 rows.append(row(setting, seed, rule, "total 1", "test", score(merge(paths, rule, coefficients, rank).adapter, "test"),
                                 alone, gamma=info["norm"] / info["reference"], scale=1.0, **common))

@@ -339,10 +339,3 @@ def volume_plot(results: dict, folder: Path) -> list[Path]:
     plt.close(fig)
     return [path]
 
-
-def multitask_tables(results: dict) -> str:
-    return ""
-
-
-def multitask_plots(results: dict, plots) -> list:
-    return []

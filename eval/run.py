@@ -111,8 +111,10 @@ def write_report(out: Path, plots: Path) -> list[Path]:
             parts.append(f"## {title}\n\n{made}{report.theory_tables(results)}")
             written += report.theory_plots(results, plots)
         elif "stage" in results:
-            parts.append(f"## {title}\n\n{made}{report.multitask_tables(results)}")
-            written += report.multitask_plots(results, plots)
+            from . import report_merges
+
+            parts.append(f"## {title}\n\n{made}{report_merges.tables(results)}")
+            written += report_merges.plots(results, plots)
         else:
             parts.append(f"## {title}\n\n{made}{report.lora_tables(results)}\n\n### Same task, different data volumes\n\n"
                          f"{report.volume_tables(results)}")

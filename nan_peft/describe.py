@@ -134,6 +134,7 @@ def merge_document(result: MergeResult, record: Mapping, output: str, files: lis
         "device": options["device"],
         "method": spec.method,
         "rule": spec.effective_rule_options(),
+        **({"scale_chosen": options["scale_chosen"]} if "scale_chosen" in options else {}),  # --scale auto's value
         "coefficients": {"method": coefficients.method, "granularity": coefficients.granularity, **spec.effective_coefficient_options()},
         "adapters": [
             {"name": entry["name"], "path": entry["path"], "norm": record["norms"][entry["name"]], "coefficient": None if per_adapter is None else per_adapter[entry["name"]]}

@@ -18,6 +18,7 @@ from .fold import fold_into
 from .lora import LoraAdapter
 from .norms import UpdateGram, update_gram
 from .reader import read_adapters
+from .scale import AUTO, auto_scale
 from .spec import HEADS as spec_heads
 from .spec import MergeSpec
 from .serving import ServingPlan, Target, plan_for
@@ -184,6 +185,13 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
     gram = update_gram(sources, device)
     coeffs = coefficients_for(spec.coefficients, gram, **spec.provider_given)
     dtype = getattr(torch, spec.dtype) if spec.dtype else _common_dtype(sources)
+    options = spec.record_options(coeffs.granularity, dtype)
+    if spec.scale == AUTO:  # the rule once at scale 1, uncalibrated, to measure it (nan_peft.scale)
+        measured = replace(spec, scale=None, calibrate=None)
+        _, first = combine_updates(sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, measured.rule_given,
+                                   **spec.truncation_given)
+        options["scale_chosen"] = auto_scale([r.norm for r in first], gram.module_norms, coeffs.values)
+        spec = replace(spec, scale=options["scale_chosen"])
     modules, report = combine_updates(
         sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given, **spec.truncation_given
     )
@@ -191,7 +199,7 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
         raise NanPeftError("every coefficient is zero: the merged update is empty")
     extras = {key: tensor for source in sources for key, tensor in source.extras.items()}  # equal across sources
     merged = LoraAdapter(name="merged", source="", config=_merged_config(sources), modules=modules, extras=extras)
-    return MergeResult(merged, coeffs, gram, report, list(sources), spec.record_options(coeffs.granularity, dtype), spec)
+    return MergeResult(merged, coeffs, gram, report, list(sources), options, spec)
 
 
 def _common_dtype(adapters: Sequence[LoraAdapter]) -> torch.dtype:

@@ -25,6 +25,7 @@ from .devices import resolve_device
 from .errors import NanPeftError
 from .registry import effective_options
 from .rules import CALIBRATIONS, RULES, check_truncation, rule_options
+from .scale import parse_scale
 from .serving import ENGINES, Target
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -71,7 +72,9 @@ class MergeSpec:
                          "iso_c, iso_cts, tsv, wudi, knots_* merge in each module's R x R core space (README: Merge rules).",
                          "Merge rule", choices=tuple(RULES))
     density: float | None = option(None, "Fraction of entries kept (ties, dare_*, magnitude_prune, knots_*).", "Merge rule", metavar="D", kind=(int, float))
-    scale: float | None = option(None, "lambda: multiplies the merged update [default 1].", "Merge rule", metavar="L", kind=(int, float))
+    scale: float | str | None = option(None, "lambda: multiplies the merged update [default 1]; auto: set from the adapters alone, the merged "
+                                       "update's norm GAMMA times their mean norm (nan_peft.scale; the value chosen is recorded).",
+                                       "Merge rule", metavar="L|auto", kind=(int, float, str), parse=parse_scale)
     normalize: bool | None = option(None, "ties, dare_ties: average the agreeing entries (default) or sum them.", "Merge rule",
                                     kind=bool, flag="--normalize/--no-normalize")
     seed: int | None = option(None, "Seed of the random drops (dare_*) [default 0].", "Merge rule", kind=int)
@@ -113,6 +116,8 @@ class MergeSpec:
         set_(self, "weights", weights)
         set_(self, "dtype", dtype_name(self.dtype))
         set_(self, "device", str(resolve_device(self.device)))
+        if self.scale is not None:
+            set_(self, "scale", parse_scale(self.scale))
         check_choices(self, ("granularity", "majority_sign_method", "combine", "calibrate", "truncation"))
         for key in ("density", "scale", "exponent", "total", "common"):
             value = getattr(self, key)

@@ -51,8 +51,8 @@ def test_theory_tables_render():
     assert "volume ratio" in text and "| 4 |" in text
 
 
-TINY = lora_tasks.Setup(model="tiny", train_sizes={"a": 64, "b": 32, "c": 16}, test_size=32, max_length=12,
-                        split=2, rank=4, alpha=8, steps=30, batch=8, lr=1e-2, seeds=(0,),
+TINY = lora_tasks.Setup(model="tiny", train_sizes={"a": 64, "b": 32, "c": 16}, test_size=32, val_size=16, max_length=12,
+                        split=2, rank=4, alpha=8, wide_rank=8, steps=30, batch=8, lr=1e-2, seeds=(0,),
                         volume_task="a", volume_sizes=(8, 16, 32))
 
 
@@ -64,42 +64,48 @@ def tiny_results(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     try:
+        val = lora_tasks.run(TINY, cache, stage="val", log=lambda message: None)
         first = lora_tasks.run(TINY, cache, log=lambda message: None)
         again = lora_tasks.run(TINY, cache, score_only=True, log=lambda message: None)
     finally:
         torch.set_num_threads(threads)
-    return first, again
+    return first, again, val
 
 
 def test_lora_pipeline_runs_and_scores_every_model(tiny_results):
-    results, again = tiny_results
+    from eval import multitask
+    from nan_peft.scale import GAMMA
+
+    results, again, val = tiny_results
     rows = results["rows"]
-    names = [r["name"] for r in rows]
-    expected = ["linear probe (no adapter)", "base encoder + task heads", *(f"adapter {t} alone" for t in "abc")]
-    assert names == expected + [lora_tasks.spec_name(s) for s in lora_tasks.merge_specs(3)]
+    assert {r["setting"] for r in rows} == {"r4", "r8-all"}
+    assert all(r["split"] == "val" or r["kind"] in ("reference", "individual") for r in val["rows"])
     for row in rows + results["volume_rows"]:
         assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
-    # every adapter learned its own task (synthetic marker tokens: far above chance)
-    for t, classes in zip("abc", (2, 3, 2)):
-        assert rows[names.index(f"adapter {t} alone")]["accuracy"][t] > 1 / classes + 0.15
-    # coefficients: NAN sums to the asked total and orders the tasks inversely to their update norms
-    for row in rows[len(expected):]:
-        total = sum(row["coefficients"].values())
-        if row["spec"].get("granularity") != "module":
-            assert total == pytest.approx(row["spec"]["total"])
-    nan = rows[names.index("task_arithmetic/nan/total1")]
-    order_norm = sorted("abc", key=lambda t: nan["norms"][t])
-    order_coef = sorted("abc", key=lambda t: -nan["coefficients"][t])
-    assert order_norm == order_coef
+    for setting in ("r4", "r8-all"):
+        # every adapter learned its own task (synthetic marker tokens: far above chance)
+        for t, classes in zip("abc", (2, 3, 2)):
+            alone = [r for r in rows if r["setting"] == setting and r["name"] == f"adapter {t} alone" and r["split"] == "test"]
+            assert alone[0]["accuracy"][t] > 1 / classes + 0.15
+        for rule in multitask.RULES:
+            for coefficients in multitask.COEFFICIENTS:
+                mine = [r for r in rows if r["setting"] == setting and r.get("rule") == rule and r.get("coefficients") == coefficients]
+                sweep = {r["gamma"]: r for r in mine if r["kind"] == "sweep"}
+                assert sorted(sweep) == sorted(multitask.GRID) and all(r["split"] == "val" for r in sweep.values())
+                chosen, = [r for r in mine if r["kind"] == "val-chosen"]
+                # the scale is chosen on validation: the sweep's best gamma
+                assert chosen["gamma"] == max(sweep, key=lambda g: (sweep[g]["mean_normalized"], -g)) and chosen["split"] == "test"
+                auto, = [r for r in mine if r["kind"] == "auto"]
+                assert auto["gamma"] == pytest.approx(GAMMA, rel=1e-6)  # --scale auto sets the norm to GAMMA x the mean norm
+                for r in (chosen, auto):
+                    assert r["mean_normalized"] == pytest.approx(sum(r["normalized"].values()) / 3)
+        total1 = [r for r in rows if r["setting"] == setting and r["kind"] == "total 1"]
+        assert len(total1) == 2 and all(r["scale"] == 1.0 for r in total1)
     # the volume scenario has the data-volume reference and scores on one task
     volume = {r["name"]: r for r in results["volume_rows"]}
     assert volume["task_arithmetic/data volume/total1"]["coefficients"] == pytest.approx({"8": 1 / 7, "16": 2 / 7, "32": 4 / 7})
     # --score-only reuses the cached adapters and gives the same numbers
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows]
-    # balanced accuracy next to accuracy, and the test sets' majority-class baselines
-    for row in rows + results["volume_rows"]:
-        assert set(row["balanced"]) == set(row["accuracy"])
-        assert row["mean_balanced"] == pytest.approx(sum(row["balanced"].values()) / len(row["balanced"]))
     for t, classes in zip("abc", (2, 3, 2)):
         base = results["test_baselines"][t]
         assert sum(base["counts"]) == TINY.test_size and len(base["counts"]) == classes
@@ -114,7 +120,7 @@ def test_tiny_pipeline_trains_on_no_test_example(tiny_results, tmp_path):
     for entry in plan.values():
         trained = {i for idx in entry["train"].values() for i in idx}
         trained |= {i for parts in entry.get("volume", {}).values() for part in parts for i in part}
-        assert not set(entry["test"]) & trained
+        assert not set(entry["test"]) & trained and not set(entry["val"]) & trained and not set(entry["val"]) & set(entry["test"])
     saved = torch.load(cache / "states.pt", weights_only=True)
     assert saved["splits"] == plan
 
@@ -122,7 +128,7 @@ def test_tiny_pipeline_trains_on_no_test_example(tiny_results, tmp_path):
 def test_split_refuses_a_test_text_that_is_also_trained_on():
     import torch
 
-    setup = lora_tasks.Setup(model="tiny", train_sizes={"a": 20}, test_size=10, seeds=(0, 1), volume_task="a",
+    setup = lora_tasks.Setup(model="tiny", train_sizes={"a": 20}, test_size=10, val_size=4, seeds=(0, 1), volume_task="a",
                              volume_sizes=(4, 8))
     labels = {"a": torch.zeros(40, dtype=torch.long)}
     texts = [f"text {i}" for i in range(40)]
@@ -223,9 +229,12 @@ def test_lora_merged_update_is_what_the_model_scores():
 
 
 def test_lora_tables_and_plots(tiny_results, tmp_path):
+    from eval import report_merges
+
     results = tiny_results[0]
-    text = report.lora_tables(results)
-    assert "task_arithmetic/nan/total1" in text and "± " in text
+    text = report_merges.tables(results)
+    assert "### Setting r4" in text and "linear probe" in text and "± " not in text.split("### Setting")[0]
+    assert "The auto scale's design" in text and "Default rule" in text
     pytest.importorskip("matplotlib")
-    paths = report.lora_plots(results, tmp_path)
-    assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
+    paths = report_merges.plots(results, tmp_path)
+    assert len(paths) == 2 and all(p.exists() and p.stat().st_size > 1000 for p in paths)

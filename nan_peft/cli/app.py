@@ -145,7 +145,7 @@ def build_specs(given: dict, recipe: dict) -> tuple[MergeSpec, OutputSpec, FoldS
     return tuple(built)  # type: ignore[return-value]
 
 
-_WHAT = {bool: "true or false", int: "an integer", (int, float): "a number", str: "a string", (str, list): "a list of numbers",
+_WHAT = {bool: "true or false", int: "an integer", (int, float): "a number", (int, float, str): "a number or auto", str: "a string", (str, list): "a list of numbers",
          (str, dict): "a device map (auto, balanced, ... or a mapping)", list: "a list"}  # fmt: skip
 
 
