@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import extraction
 from .synthetic import ATTENTION, PROJECTIONS, SHAPES, lora_adapters, peft_model
 
 WEIGHTS = (0.5, 0.3, 0.2, 0.1, 0.1, 0.1)  # manual weights given to peft and nan-peft alike
@@ -449,7 +450,7 @@ def spectral(params: Mapping) -> Case:
     )
 
 
-CASES = {"norms": norms, "merge": merge, "fold": fold, "many": many, "spectral": spectral}
+CASES = {"norms": norms, "merge": merge, "fold": fold, "many": many, "spectral": spectral, "extract": extraction.extract}
 
 
 def scratch_folder(root: str | None = None) -> Path:

@@ -97,6 +97,16 @@ def derive(section: str, entry: dict) -> dict:
         core, dense = _median(times, "nan-peft"), _median(times, f"{info['rule']} on the dense")
         ratios["dense / core time"] = _ratio(dense, core)
         ratios["dense / core peak memory"] = _ratio(_find(peaks, f"{info['rule']} on the dense"), _find(peaks, "nan-peft"))
+    elif section == "extract":
+        named = {word: next((v["median"] for k, v in times.items() if k.startswith(word)), None)
+                 for word in ("read floor", "mergekit-extract-lora", "nan-peft extract")}
+        exact = next((v["median"] for k, v in times.items() if k.startswith("nan-peft extract") and "exact" in k), None)
+        ours, theirs = named["nan-peft extract"], named["mergekit-extract-lora"]  # ours: the first, auto (randomized)
+        ratios["mergekit / nan-peft time"] = _ratio(theirs, ours)
+        ratios["mergekit / nan-peft exact (float64) time"] = _ratio(theirs, exact)
+        ratios["mergekit / nan-peft peak memory"] = _ratio(_find(peaks, "mergekit-extract-lora"), _find(peaks, "nan-peft extract"))
+        ratios["nan-peft / read floor"] = _ratio(ours, named["read floor"])
+        ratios["per module, nan-peft ms"] = ours * 1e3 / info["modules"] if ours else None
     elif section == "fold":
         fold = _median(times, "nan-peft fold_into, 3 adapters")
         size = info["model_bytes"]
@@ -217,6 +227,7 @@ TITLES = {
     "fold": "Fold into a base checkpoint (streaming), vs copying it and vs mergekit",
     "spectral": "Spectral rules: core space vs the same rule on dense updates; CLI against today's svd merge",
     "many": "Many adapters: a K sweep of norms, cat and svd (randomized truncation at large R) vs peft's dense svd",
+    "extract": "Extract a LoRA from a full fine-tune: nan-peft extract vs mergekit-extract-lora and reading both checkpoints",
 }
 
 

@@ -43,7 +43,7 @@ from . import report  # noqa: E402
 from .measure import ROOT, load_average, machine, machine_slug, process_peak, run_worker  # noqa: E402
 from .worker import has_peak  # noqa: E402
 
-SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many", "spectral")
+SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many", "spectral", "extract")
 MANY = (4, 16, 64, 256)  # the K sweep (many); --quick runs the first two
 RESULTS = ROOT / "bench" / "results"
 
@@ -98,6 +98,12 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
     if "cpu" in devices:  # the command line's target is for the CPU
         out["cli"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each", "case": "cli",
                            "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
+    extract_shape = "small" if quick else "fold"
+    for device in devices:
+        on = "" if device == "cpu" else f", on {device}"
+        out["extract"].append({"label": f"{extract_shape} bfloat16 fine-tune ({_width(extract_shape)}), 7 projections x "
+                                        f"{_layers(extract_shape)} layers, to rank 16{on}", "case": "extract",
+                               "params": {"shape": extract_shape, "r": 16, "repeat": 2 if quick else 3, "device": device}})
     return out
 
 
@@ -105,6 +111,12 @@ def _width(shape: str) -> str:
     from .synthetic import SHAPES
 
     return f"{SHAPES[shape].hidden}x{SHAPES[shape].hidden}"
+
+
+def _layers(shape: str) -> int:
+    from .synthetic import SHAPES
+
+    return SHAPES[shape].layers
 
 
 def _all():
@@ -175,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 params = {**case["params"], **common, "baseline": str(baseline) if baseline else None}
                 if case["case"] == "cli":
                     entry = cli_case(params, scratch, baseline)
+                elif case["case"] == "extract":
+                    entry = extract_case({**params, "mergekit": _mergekit_python(args.mergekit) == sys.executable}, scratch)
                 elif case["case"] == "fold":
                     entry = fold_case(params, scratch, _mergekit_python(args.mergekit))
                 else:
@@ -208,6 +222,7 @@ def tiny_plan(devices: list[str]) -> dict[str, list[dict]]:
         "fold": [{"label": "tiny", "case": "fold", "params": {**params, "repeat": 1}}],
         "many": [{"label": f"tiny K={count}", "case": "many", "params": {**params, "count": count, "rank": 8, "peft": True}} for count in (4, 8)],
         "spectral": [{"label": "tiny tsv", "case": "spectral", "params": {**params, "rule": "tsv + svc"}}],
+        "extract": [{"label": "tiny", "case": "extract", "params": {**params, "repeat": 1}}],
     }
 
 
@@ -272,6 +287,22 @@ def _cli_run(command: list[str], baseline: Path | None) -> dict:
         return process_peak(command, cwd=ROOT)
     env = {"PYTHONPATH": os.pathsep.join([str(baseline), str(ROOT)])}
     return process_peak(command, cwd=baseline, env=env)
+
+
+def extract_case(params: dict, scratch: Path | None) -> dict:
+    """The extract case (bench.extraction): a base checkpoint and its synthetic fine-tune written once, then the
+    extractions timed in a worker (params["mergekit"]: mergekit-extract-lora runs in that same interpreter)."""
+    from .cases import scratch_folder
+    from .extraction import write_fine_tune
+    from .synthetic import SHAPES, write_base
+
+    root = scratch_folder(scratch)
+    try:
+        write_base(root / "base", SHAPES[params["shape"]], vocab=512 if params["shape"] == "tiny" else 32000)
+        write_fine_tune(root / "base", root / "fine-tune")
+        return worker_case("extract", {**params, "base": str(root / "base"), "fine_tune": str(root / "fine-tune"), "scratch": str(root / "out")})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def fold_case(params: dict, scratch: Path | None, mergekit: str | None) -> dict:

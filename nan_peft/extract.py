@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +30,8 @@ import torch
 from . import __version__, hub
 from .errors import NanPeftError
 from .fold.architecture import architecture
-from .fold.checkpoint import FLOATS, TensorReader, read_checkpoint, resolve_base
-from .full.inputs import _config, _same_architecture, _same_tensors
+from .fold.checkpoint import FLOATS, TensorReader, resolve_base
+from .full.inputs import plan_full
 from .gram import canonical_signs, split_singular, truncate_dense
 from .lora import LoraAdapter, LoraModule
 from .record import CARD_NAME, RECORD_FORMAT, front_matter, record_json
@@ -118,10 +119,8 @@ def selected(path: str, patterns: Sequence[str]) -> bool:
 def plan_extraction(fine_tune: Path, base: Path, spec: ExtractSpec) -> ExtractPlan:
     """Check that `fine_tune` is a fine-tune of `base` (architecture, tensor names, shapes, float dtypes) and pick the
     tensors to extract and the layers each one feeds, from the model class (fold.architecture)."""
-    ft_checkpoint, base_checkpoint = read_checkpoint(fine_tune), read_checkpoint(base)
-    config, base_config = _config(fine_tune), _config(base)
-    _same_architecture(fine_tune, config, base_config, base)
-    _same_tensors(fine_tune, ft_checkpoint, base_checkpoint, None)
+    full = plan_full(base, [fine_tune], {})  # the checks of a full-checkpoint merge: same architecture, names, shapes, dtypes
+    ft_checkpoint, base_checkpoint, config = full.sources[0].checkpoint, full.base, full.config
     built = architecture(config)
     if built is None:
         raise NanPeftError(f"{fine_tune}: transformers cannot build {config.get('architectures')}: cannot tell its Linear, Conv1D "
@@ -211,7 +210,8 @@ def extract_lora(fine_tune: str | os.PathLike, base: str | os.PathLike, spec: Ex
     with TensorReader(ft_checkpoint) as tuned, TensorReader(base_checkpoint) as original:
 
         def task_vector(name: str) -> torch.Tensor:
-            tau = tuned.read(name).to(device, torch.float64) - original.read(name).to(device, torch.float64)
+            tau = tuned.read(name).to(device, torch.float64)
+            tau -= original.read(name).to(device, torch.float64)  # in place: two float64 tensors at most
             if not bool(torch.isfinite(tau).all()):
                 raise NanPeftError(f"tensor {name}: NaN or Inf in the fine-tune {fine_tune} or the base {base}")
             return tau
@@ -310,7 +310,7 @@ def extract_card(extraction: Extraction, record: dict, output: str) -> str:
         f"{EXTRACT_RECORD_NAME} holds every module's rank and discarded norm; the command that made it:",
         "",
         "```",
-        " ".join(record["command"]),
+        shlex.join(record["command"]) or "nan_peft.extract.extract_lora(...) (from Python: no command)",
         "```",
         "",
     ]

@@ -49,6 +49,21 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "error": str | null}],                        # why this option is impossible here
      "modules": [{"module": str, "norms": {name: float}}]}     # absent adapters are left out
 
+``nan-peft extract --json`` (the extract_record.json written, with "output" and "files")::
+
+    {"output": str, "files": [str], "format": 1, "nan_peft_version": str, "command": [str],
+     "fine_tune": {"path": str, "hub"?: {...}}, "base": {"path": str, "hub"?: {...}},
+     "options": {"rank", "energy", "modules": [str], "truncation", "oversample", "power_iterations", "sketch_seed",
+                 "dtype", "device"},
+     "rank": int,                        # the adapter's one global rank (module ranks zero-padded to it)
+     "norm": float, "discarded": float, "relative_discarded": float,  # over the tensors extracted, each counted once
+     "modules": [{"module": str, "tensor": str,  # the checkpoint tensor it comes from (a tied one feeds two modules)
+                  "rank": int, "norm": float,    # ||tau||_F, tau = W_ft - W_base
+                  "discarded": float,            # ||tau - B A||_F of the factors written
+                  "relative_discarded": float, "truncation": "dense" | "randomized"}],
+     "left_out": [{"tensor": str, "norm": float, "why": str}],  # changed tensors the adapter does not carry
+     "unchanged": int}                   # weights extracted from that equal the base's (no module written)
+
 ``nan-peft inspect --json``::
 
     {"name", "path", "base_model": str | null, "task_type": str | null, "format": "safetensors" | "bin",
