@@ -89,9 +89,10 @@ def plan_full(base: str | os.PathLike | None, paths, adapters: dict[int, LoraAda
         other = Path(path)
         if other.resolve() == folder.resolve():
             raise NanPeftError(f"{path} is the base model itself: its task vector is zero")
-        _same_architecture(other, _config(other), config, folder)
+        tuned_config = _config(other)
+        _same_architecture(other, tuned_config, config, folder)
         tuned = read_checkpoint(other)
-        _same_tensors(path, tuned, checkpoint, vocab)
+        _same_tensors(path, tuned, checkpoint, vocab, (config.get("vocab_size"), tuned_config.get("vocab_size")))
         sources.append(Source(name, str(path), checkpoint=tuned))
     if not any(source.checkpoint is not None for source in sources):
         raise NanPeftError("no full checkpoint among the inputs: merge adapters without --base")
@@ -122,8 +123,9 @@ def _same_architecture(path: Path, config: dict, base: dict, base_folder: Path) 
             raise NanPeftError(f"{path}: {key} {config.get(key)!r} but the base {base_folder} has {base.get(key)!r}: not a fine-tune of this base")
 
 
-def _same_tensors(path, tuned: Checkpoint, base: Checkpoint, vocab: str | None) -> None:
-    """Same names, float dtypes and shapes as the base; a differing first (vocabulary) dimension only with `vocab`."""
+def _same_tensors(path, tuned: Checkpoint, base: Checkpoint, vocab: str | None, sizes: tuple) -> None:
+    """Same names, float dtypes and shapes as the base; a differing first dimension only with `vocab`, and only where
+    it is each config's vocab_size (sizes: the base's and the fine-tune's)."""
     missing = sorted(set(base.tensors) - set(tuned.tensors))
     extra = sorted(set(tuned.tensors) - set(base.tensors))
     if missing:
@@ -136,7 +138,8 @@ def _same_tensors(path, tuned: Checkpoint, base: Checkpoint, vocab: str | None) 
             raise NanPeftError(f"{path}: tensor {name} is {other.dtype}, not a float (quantized?); merge unquantized checkpoints")
         if other.shape == entry.shape:
             continue
-        vocabulary = len(other.shape) == len(entry.shape) >= 1 and other.shape[1:] == entry.shape[1:] and entry.dtype in FLOATS
+        vocabulary = (len(other.shape) == len(entry.shape) >= 1 and other.shape[1:] == entry.shape[1:] and entry.dtype in FLOATS
+                      and (entry.shape[0], other.shape[0]) == sizes)
         hint = " (a resized vocabulary: --vocab base keeps the base's rows, --vocab union all)" if vocabulary and vocab is None else ""
         if not vocabulary or vocab is None:
             raise NanPeftError(f"{path}: tensor {name} is {shape_text(other.shape)} but the base's is {shape_text(entry.shape)}{hint}: "

@@ -56,8 +56,11 @@ def read_plan(base, paths: Sequence, vocab: str | None = None, allow_different_b
 def task_vector_gram(plan: FullPlan, device="cpu") -> UpdateGram:
     """<tau_i, tau_j> at every float tensor (one pass over the inputs, a tensor at a time); NaN refused."""
     gram = empty_gram(plan)
-    for m, (name, _, members, taus) in enumerate(each_tensor(plan, torch.device(device))):
+    m = 0  # not enumerate: its reused result tuple would hold the last tensors while the next ones are read
+    for name, _, members, taus in each_tensor(plan, torch.device(device)):
         _accumulate(gram, plan, m, name, members, taus)
+        m += 1
+        del taus, _
     return gram
 
 
@@ -103,7 +106,9 @@ def merge_checkpoints(
             assert read == name, (read, name)
             if not nan:
                 _accumulate(gram, plan, m, name, members, taus)
-            return weight.add_(merged_update(taus, values[m, members], name, spec.method, given, seed))
+            update = merged_update(taus, values[m, members], name, spec.method, given, seed)
+            del taus
+            return weight.add_(update)
 
         write_checkpoint(plan, merged, tmp)
         copy_other_files(plan.tokenizer_from, tmp)

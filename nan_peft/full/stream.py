@@ -31,7 +31,7 @@ from ..fold.checkpoint import FLOATS, INDEX_NAME, ITEMSIZE, MODEL_CONFIG_NAME, T
 from ..rules import RULES, in_core_space, module_generator
 from .inputs import FullPlan, rows
 
-GRAM_COLUMNS = 1 << 20
+GRAM_COLUMNS = 1 << 18
 """Entries per input converted to float64 at a time for the inner products."""
 
 
@@ -78,19 +78,20 @@ def task_vectors(plan: FullPlan, readers: Readers, name: str, device) -> tuple[t
             continue
         tuned = readers.inputs[k].read(name)
         count = min(counts[k], shape[0]) if counts else None
-        if count is None:
-            taus[slot] = tuned.to(device, torch.float32) - weight
-        else:
-            taus[slot, :count] = tuned[:count].to(device, torch.float32) - weight[:count]
+        rows_read = slice(None) if count is None else slice(0, count)  # in place: no temporary of the tensor's size
+        taus[slot, rows_read].copy_(tuned[rows_read]).sub_(weight[rows_read])
     return weight, members, taus
 
 
 def inner_products(taus: torch.Tensor) -> torch.Tensor:
-    """(P, P) float64 on the CPU: <tau_i, tau_j>, accumulated in float64 over pieces of GRAM_COLUMNS entries."""
+    """(P, P) float64 on the CPU: <tau_i, tau_j>, accumulated in float64 over pieces of GRAM_COLUMNS entries
+    (converted into one reused float64 buffer: the products of float32 entries are exact in float64)."""
     flat = taus.reshape(taus.shape[0], -1)
     gram = torch.zeros((flat.shape[0], flat.shape[0]), dtype=torch.float64, device=flat.device)
+    buffer = torch.empty((flat.shape[0], min(GRAM_COLUMNS, flat.shape[1])), dtype=torch.float64, device=flat.device)
     for start in range(0, flat.shape[1], GRAM_COLUMNS):
-        piece = flat[:, start : start + GRAM_COLUMNS].double()
+        piece = buffer[:, : min(GRAM_COLUMNS, flat.shape[1] - start)]
+        piece.copy_(flat[:, start : start + GRAM_COLUMNS])
         gram.addmm_(piece, piece.T)
     return gram.cpu()
 
@@ -104,8 +105,13 @@ def merged_update(taus: torch.Tensor, weights: torch.Tensor, name: str, rule: st
         return torch.zeros(taus.shape[1:], dtype=taus.dtype, device=taus.device)
     if in_core_space(rule, given) and taus.dim() != 3:
         if taus.dim() == 2:  # a 1-D tensor: task arithmetic
-            return given.get("scale", 1.0) * (weights[:, None] * taus).sum(0)
+            return merged_update(taus, weights, name, "task_arithmetic", {"scale": given.get("scale", 1.0)}, None)
         return merged_update(taus.reshape(*taus.shape[:2], -1), weights, name, rule, given, seed).reshape(taus.shape[1:])
+    if rule == "task_arithmetic" and not given.get("calibrate"):  # scale * sum_k c_k tau_k accumulated: no K-sized temporary
+        update = taus[0] * weights[0]
+        for tau, c in zip(taus[1:], weights[1:].tolist()):
+            update.add_(tau, alpha=c)
+        return update.mul_(given.get("scale", 1.0))
     generator = module_generator(seed, name) if seed is not None else None
     return RULES[rule](taus, weights, generator, **given)
 
@@ -114,7 +120,9 @@ def each_tensor(plan: FullPlan, device) -> Iterator[tuple[str, torch.Tensor, lis
     """(name, W_0, members, taus) of every float tensor of the base, in its shards' order."""
     with Readers(plan) as readers:
         for name in plan.tensors:
-            yield (name, *task_vectors(plan, readers, name, device))
+            weight, members, taus = task_vectors(plan, readers, name, device)
+            yield name, weight, members, taus
+            del weight, taus  # before the next tensor is read
 
 
 def check_finite(gram: torch.Tensor, plan: FullPlan, name: str, members: list[int]) -> None:
@@ -151,6 +159,7 @@ def write_checkpoint(plan: FullPlan, merged: Callable[[str], torch.Tensor], tmp:
                     continue
                 tensor = merged(name).to(FLOATS[entry.dtype]).cpu().contiguous()
                 write_all(out.fileno(), tensor.reshape(-1).view(torch.uint8).numpy().data)
+                del tensor  # before the next one is computed
         total += offset
     if base.sharded:
         index = {"metadata": {**base.index_metadata, "total_size": total},
