@@ -219,7 +219,7 @@ def test_recipe_gives_the_same_merge_and_command_line_overrides_it(here, tmp_pat
         ("adapters: [small, large]\noutput: x\ncombine: fold\n", "unknown combine 'fold'"),
         ("adapters: [small, large]\noutput: x\nallow_different_bases: 'no'\n", "'allow_different_bases' must be true or false, not 'no'"),
         ("adapters: [small, large]\noutput: x\nrank: true\n", "'rank' must be an integer, not True"),
-        ("adapters: [small, large]\noutput: x\nscale: high\n", "'scale' must be a number, not 'high'"),
+        ("adapters: [small, large]\noutput: x\nscale: high\n", "scale must be a number or auto, got 'high'"),
     ],
 )
 def test_bad_recipes_fail_with_one_line(here, text, message):
