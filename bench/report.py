@@ -107,6 +107,13 @@ def derive(section: str, entry: dict) -> dict:
         ratios["mergekit / nan-peft peak memory"] = _ratio(_find(peaks, "mergekit-extract-lora"), _find(peaks, "nan-peft extract"))
         ratios["nan-peft / read floor"] = _ratio(ours, named["read floor"])
         ratios["per module, nan-peft ms"] = ours * 1e3 / info["modules"] if ours else None
+    elif section == "full":
+        processes = entry.get("processes", {})
+        ours, nan, theirs = _find(processes, "nan-peft merge --base (task"), _find(processes, "nan-peft merge --base (NAN"), _find(processes, "mergekit")
+        ratios["mergekit / nan-peft time"] = _ratio(theirs and theirs["median"], ours and ours["median"])
+        ratios["mergekit / nan-peft peak memory"] = _ratio(theirs and theirs["peak"], ours and ours["peak"])
+        ratios["NAN (two passes) / weights (one pass) time"] = _ratio(nan and nan["median"], ours and ours["median"])
+        ratios["nan-peft peak / model size"] = _ratio(ours and ours["peak"], info.get("model_bytes"))
     elif section == "fold":
         fold = _median(times, "nan-peft fold_into, 3 adapters")
         size = info["model_bytes"]
@@ -228,6 +235,7 @@ TITLES = {
     "spectral": "Spectral rules: core space vs the same rule on dense updates; CLI against today's svd merge",
     "many": "Many adapters: a K sweep of norms, cat and svd (randomized truncation at large R) vs peft's dense svd",
     "extract": "Extract a LoRA from a full fine-tune: nan-peft extract vs mergekit-extract-lora and reading both checkpoints",
+    "full": "Merge full fine-tuned checkpoints (task vectors, streamed): nan-peft merge --base vs mergekit-yaml",
 }
 
 

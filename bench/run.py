@@ -14,6 +14,7 @@ peak memory is measured contender by contender, each in a fresh process. Section
   spectral  the spectral rules (iso_c, iso_cts, tsv, wudi, knots_*, svc): each in the core space vs the same rule on
          the module's dense updates (FusionBench's way); and `nan-peft merge --method RULE` on three Llama-7B-shaped
          adapters against today's `--combine svd`
+  full   merging full fine-tuned checkpoints (`nan-peft merge --base`) vs mergekit-yaml task_arithmetic, 1B-shaped
   many   a K sweep (4, 16, 64, 256 adapters; 4 and 16 with --quick) of Llama-7B-shaped rank-16 adapters on one layer's
          7 modules: norms, cat and svd to rank 64 (randomized truncation where R is large) vs peft's dense svd
 
@@ -43,7 +44,7 @@ from . import report  # noqa: E402
 from .measure import ROOT, load_average, machine, machine_slug, process_peak, run_worker  # noqa: E402
 from .worker import has_peak  # noqa: E402
 
-SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many", "spectral", "extract")
+SECTIONS = ("norms", "svd", "cat", "cli", "fold", "many", "spectral", "extract", "full")
 MANY = (4, 16, 64, 256)  # the K sweep (many); --quick runs the first two
 RESULTS = ROOT / "bench" / "results"
 
@@ -104,6 +105,9 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
         out["extract"].append({"label": f"{extract_shape} bfloat16 fine-tune ({_width(extract_shape)}), 7 projections x "
                                         f"{_layers(extract_shape)} layers, to rank 16{on}", "case": "extract",
                                "params": {"shape": extract_shape, "r": 16, "repeat": 2 if quick else 3, "device": device}})
+    if "cpu" in devices:  # whole processes on the CPU, nan-peft's and mergekit's
+        out["full"].append({"label": f"1b-shaped (2048 wide, {4 if quick else 22} layers, vocabulary 32000) bfloat16 base and 2 full "
+                                     "fine-tunes: merge", "case": "full", "params": {"shape": "1b", "quick": quick, "repeat": 1 if quick else 3}})
     return out
 
 
@@ -191,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                     entry = extract_case({**params, "mergekit": _mergekit_python(args.mergekit) == sys.executable}, scratch)
                 elif case["case"] == "fold":
                     entry = fold_case(params, scratch, _mergekit_python(args.mergekit))
+                elif case["case"] == "full":
+                    from .full import full_case
+
+                    entry = full_case(params, scratch, _mergekit_python(args.mergekit))
                 else:
                     entry = worker_case(case["case"], params)
                 entry.update({"case": case["label"], "params": {k: v for k, v in params.items() if k != "baseline"}})
@@ -223,6 +231,7 @@ def tiny_plan(devices: list[str]) -> dict[str, list[dict]]:
         "many": [{"label": f"tiny K={count}", "case": "many", "params": {**params, "count": count, "rank": 8, "peft": True}} for count in (4, 8)],
         "spectral": [{"label": "tiny tsv", "case": "spectral", "params": {**params, "rule": "tsv + svc"}}],
         "extract": [{"label": "tiny", "case": "extract", "params": {**params, "repeat": 1}}],
+        "full": [{"label": "tiny", "case": "full", "params": {**params, "repeat": 1}}],
     }
 
 
