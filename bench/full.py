@@ -1,7 +1,8 @@
 """The full case: merging full fine-tuned checkpoints, `nan-peft merge --base BASE FT1 FT2 -o OUT` against
 `mergekit-yaml` (task_arithmetic, its lazy safetensors loader, --lazy-unpickle), both as whole processes: wall
 time and whole-process peak memory (VmHWM), on the same synthetic Llama checkpoints shaped like a 1B model
-(TinyLlama's widths: hidden 2048, MLP 5632, vocabulary 32000; 22 layers, 4 with --quick), bfloat16 on disk.
+(TinyLlama's widths: hidden 2048, MLP 5632, vocabulary 32000; 22 layers, 4 with --quick), bfloat16 on disk;
+the fine-tunes are the extract case's (bench.extraction.write_fine_tune: every projection moved, with other seeds).
 
 Both compute in float32 and write bfloat16 (mergekit: dtype float32, out_dtype bfloat16), with the same weights;
 nan-peft is also timed with NAN coefficients (two passes over the inputs: the norms, then the merge)."""
@@ -12,37 +13,13 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 WEIGHTS = (0.6, 0.4)
-
-
-def write_full_fine_tune(base: Path, folder: Path, seed: int, scale: float) -> None:
-    """A full fine-tune of the checkpoint `base`: every tensor W gets scale * 0.02 * N(0, 1) noise (its task
-    vector), tensor by tensor; shards, index and config as the base's."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    for file in sorted(base.iterdir()):
-        if not file.name.endswith(".safetensors"):
-            shutil.copyfile(file, folder / file.name)
-            continue
-        tensors = {}
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                weight = handle.get_tensor(name)
-                noise = torch.randn(weight.shape, generator=generator).mul_(0.02 * scale)
-                tensors[name] = noise.add_(weight.float()).to(weight.dtype)
-                del noise
-        save_file(tensors, folder / file.name, metadata={"format": "pt"})
-        del tensors
 
 
 def full_case(params: dict, scratch: Path | None, mergekit: str | None) -> dict:
     """Write the base and two fine-tunes, then run each command params["repeat"] times, alternating."""
     from .cases import scratch_folder
+    from .extraction import write_fine_tune
     from .measure import ROOT, process_peak
     from .run import _compare_folds, _folder_bytes, _process_entry
     from .synthetic import Shape, write_base
@@ -53,8 +30,8 @@ def full_case(params: dict, scratch: Path | None, mergekit: str | None) -> dict:
         shape = Shape("1b", 64, 160, layers) if params["shape"] == "tiny" else Shape("1b", 2048, 5632, layers)
         size = write_base(root / "base", shape, vocab=512 if params["shape"] == "tiny" else 32000)
         fts = [root / "ft0", root / "ft1"]
-        for k, folder in enumerate(fts):
-            write_full_fine_tune(root / "base", folder, seed=20 + k, scale=1.0 + k)
+        for k, folder in enumerate(fts):  # the extract case's fine-tunes: every projection moved, the rest as the base's
+            write_fine_tune(root / "base", folder, seed=20 + k)
         ours = [sys.executable, "-m", "bench.peakwrap", "nan_peft.cli:main", "merge", "--base", str(root / "base"), *map(str, fts)]
         commands = {
             "nan-peft merge --base (task_arithmetic, weights 0.6,0.4)": (
