@@ -104,6 +104,40 @@ def _scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Te
     return torch.where(ok[..., None, None], L, eye), ok, scale, torch.where(ok[..., None, None], inverse, eye)
 
 
+# wide_svd factors a short side of at most this many rows by Cholesky QR (larger ones: LAPACK), where the long side
+# is at least WIDE_RATIO times as long, and trusts a pass where the scaled Gram's condition bound stays below
+# WIDE_CONDITION (cond below 1e4): after the second pass the implied Q is orthonormal to rounding.
+WIDE_ROWS = 512
+WIDE_RATIO = 4
+WIDE_CONDITION = 1e8
+
+
+def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd(X, full_matrices=False) for X (a, b) (or its transpose, b < a), same factorisation up to
+    the signs of the singular pairs (and rotations within repeated singular values). Where one side is short (at most
+    WIDE_ROWS) and the other WIDE_RATIO times longer, by Cholesky QR twice of the long side from the Jacobi-scaled
+    a x a Grams, then the SVD of the a x a factor: a few products instead of LAPACK's bidiagonalisation of the whole
+    (a x b) matrix, which costs far more than its flops here. Where a Gram's condition bound exceeds WIDE_CONDITION
+    (X rank-deficient or ill-conditioned), LAPACK."""
+    a, b = X.shape[-2:]
+    if a > b:
+        x, S, yh = wide_svd(X.mT)
+        return yh.mT, S, x.mT
+    if a > WIDE_ROWS or b < WIDE_RATIO * a or a == 0:
+        return torch.linalg.svd(X, full_matrices=False)
+    factor, Q = None, X  # X = factor @ Q, Q's rows orthonormal after two passes
+    for _ in range(2):
+        L, ok, scale, inverse = _scaled_cholesky(Q @ Q.mT, WIDE_CONDITION)
+        if not bool(ok.all()):
+            return torch.linalg.svd(X, full_matrices=False)
+        # Q Q^T = D^-1 L L^T D^-1: Q = (D^-1 L) Q' with Q' = L^-1 D Q
+        Q = (inverse * scale.mT) @ Q
+        step = L / scale
+        factor = step if factor is None else factor @ step
+    u, S, vh = torch.linalg.svd(factor, full_matrices=False)
+    return u, S, vh @ Q
+
+
 def canonical_signs(L: torch.Tensor, Rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip singular vector pairs so that the largest entry of each column of L is positive: results then
     do not depend on the LAPACK build or device. Returns (L, Rt) with L diag(S) Rt unchanged."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nan_peft.gram import gram_inner_products, low_rank_svd, pad_rank, tail_energy, truncate_low_rank
+from nan_peft.gram import gram_inner_products, low_rank_svd, pad_rank, tail_energy, truncate_low_rank, wide_svd
 
 
 def stacked(ranks, m, n, seed=0, batch=()):
@@ -112,3 +112,31 @@ def test_tiny_batch_buffer_gives_the_same_numbers(max_batch_bytes):
     assert [(r.module, r.rank) for r in report] == [(r.module, r.rank) for r in default_report]
     for r, d in zip(report, default_report):
         assert r.norm == pytest.approx(d.norm, rel=1e-12) and r.discarded == pytest.approx(d.discarded, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("a,b", [(6, 200), (200, 6), (48, 4096), (5, 12)])
+def test_wide_svd_is_the_thin_svd(a, b):
+    """wide_svd (Cholesky QR twice where one side is short, LAPACK otherwise) is the thin SVD: the same singular values
+    and the same matrix, orthonormal factors to rounding."""
+    g = torch.Generator().manual_seed(a + b)
+    X = torch.randn(a, b, generator=g, dtype=torch.float64) * torch.logspace(0, -3, a if a <= b else b, dtype=torch.float64).reshape(
+        (-1, 1) if a <= b else (1, -1))
+    x, S, yh = wide_svd(X)
+    torch.testing.assert_close(S, torch.linalg.svdvals(X), rtol=1e-12, atol=1e-14 * float(S[0]))
+    torch.testing.assert_close((x * S) @ yh, X, rtol=0, atol=1e-13 * float(S[0]))
+    k = S.numel()
+    torch.testing.assert_close(x.mT @ x, torch.eye(k, dtype=X.dtype), rtol=0, atol=1e-13)
+    torch.testing.assert_close(yh @ yh.mT, torch.eye(k, dtype=X.dtype), rtol=0, atol=1e-13)
+
+
+def test_wide_svd_of_a_rank_deficient_matrix_falls_back_to_lapack(monkeypatch):
+    """A short side with dependent rows (a Gram Cholesky cannot trust): LAPACK's SVD, its zero singular values kept."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 100, generator=g, dtype=torch.float64)
+    X = torch.cat([X, X[:1] * 2])  # 4 rows of rank 3
+    calls = []
+    real = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda M, **kw: calls.append(tuple(M.shape)) or real(M, **kw))
+    x, S, yh = wide_svd(X)
+    assert calls == [(4, 100)] and S[-1] < 1e-12 * S[0]
+    torch.testing.assert_close((x * S) @ yh, X, rtol=0, atol=1e-12)

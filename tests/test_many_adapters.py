@@ -216,3 +216,32 @@ def test_randomized_merge_loads_in_peft(llama_adapters, tmp_path):
         assert set(lora_layers(model)) == {r.module for r in result.report}
     torch.testing.assert_close(logits["full"], logits["exact"], rtol=1e-4, atol=1e-5)
     assert (logits["truncating"] - logits["exact"]).abs().max() > 0
+
+
+def test_norms_take_one_batched_gram_per_group_whatever_the_number_of_adapters(monkeypatch):
+    """update_gram's work per group of same-shaped modules is one pass of batched Gram products (factor_grams) and one
+    reduction of the R x R products to K x K, for 3 adapters as for 24: no loop over adapter pairs."""
+    import nan_peft.norms as norms
+
+    calls = []
+    for name in ("factor_grams", "inner_products_from_grams"):
+        real = getattr(norms, name)
+        monkeypatch.setattr(norms, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    counts = []
+    for count in (3, 24):
+        calls.clear()
+        update_gram(adapters_like(count))
+        counts.append(len(calls))
+    assert counts == [2 * len(SHAPES)] * 2
+
+
+def test_randomized_path_stacks_each_factor_once(monkeypatch):
+    """The randomized truncation stacks each group's factors once (batching._stack) and reads those stacks again for the
+    exact discarded norm: no per-adapter re-stacking (batching.stacked_chunks) after the range finder."""
+    calls = {"stack": 0, "chunks": 0}
+    stack, chunks = truncation_module._stack, truncation_module.stacked_chunks
+    monkeypatch.setattr(truncation_module, "_stack", lambda *a, **k: calls.__setitem__("stack", calls["stack"] + 1) or stack(*a, **k))
+    monkeypatch.setattr(truncation_module, "stacked_chunks", lambda *a, **k: calls.__setitem__("chunks", calls["chunks"] + 1) or chunks(*a, **k))
+    _, report, _ = merge(adapters_like(6), 5, truncation="randomized", oversample=2, power_iterations=1)
+    assert {r.truncation for r in report.values()} == {"randomized"}
+    assert calls == {"stack": len(SHAPES), "chunks": 0}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..gram import wide_svd
+
 RANK_TOL = 1e-9
 
 
@@ -23,8 +25,9 @@ def rank_of(S: torch.Tensor) -> int:
 
 
 def thin_svd(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, S, yh) of T's non-zero singular triplets only: T = x diag(S) yh."""
-    x, S, yh = torch.linalg.svd(T, full_matrices=False)
+    """(x, S, yh) of T's non-zero singular triplets only: T = x diag(S) yh (gram.wide_svd: Cholesky QR first where T
+    is short and wide, as KnOTS's concatenation of left-reduced updates is)."""
+    x, S, yh = wide_svd(T)
     k = rank_of(S)
     return x[:, :k], S[:k], yh[:k]
 
