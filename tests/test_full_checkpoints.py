@@ -288,6 +288,9 @@ def test_gram_alone_and_plan_checks(models):
         read_plan(base, [base, fts[0]])
     with pytest.raises(NanPeftError, match="rank and the truncation options do not apply"):
         merge_checkpoints(base, fts, base.parent / "never", MergeSpec(combine="svd", rank=4))
+    with pytest.raises(NanPeftError, match="--dtype does not apply"):
+        merge_checkpoints(base, fts, base.parent / "never", MergeSpec(dtype="float16"))
+    assert not (base.parent / "never").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

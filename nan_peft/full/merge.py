@@ -85,6 +85,8 @@ def merge_checkpoints(
     spec = spec or MergeSpec()
     if spec.rank is not None or spec.truncation_given:
         raise NanPeftError("a full-checkpoint merge is exact: --rank and the truncation options do not apply")
+    if spec.dtype is not None:
+        raise NanPeftError("a full-checkpoint merge writes each tensor in the base's dtype: --dtype does not apply")
     given, seed = rule_options(spec.method, spec.rule_given)
     output = check_output(output, overwrite)
     plan = read_plan(base, [str(p) for p in paths], vocab, spec.allow_different_bases)

@@ -5,10 +5,14 @@ about K + 2 tensors in float32, whatever the size of the model.
 
 Conventions, per tensor (mergekit 0.1.5 merge_methods/generalized_task_arithmetic.py, merge_group: every
 tensor, 1-D norms and biases and embeddings alike, gets the same rule on its task vectors):
-- the entry-wise rules (task_arithmetic, ties, dare_*, magnitude_prune) act on every tensor as on any update;
-- the spectral rules (iso_c, iso_cts, tsv, wudi, knots_*, svc) act on 2-D tensors (a conv weight as
-  (out, in * kernel)); a 1-D tensor has no singular vectors, so it gets task arithmetic's scale * sum_k c_k tau_k,
-  as the TSV-M and Iso-C reference code does for non-matrix parameters;
+- the entry-wise rules (task_arithmetic, ties, dare_*, magnitude_prune) act on every tensor as on any update
+  (nan_peft.rules, the same functions as for adapters); one difference from mergekit, tested in
+  tests/test_mergekit_oracle.py: the magnitude trim keeps int(density * numel) entries, as TIES's paper and peft
+  do, where mergekit (sparsify.py, magnitude) keeps at least one;
+- the spectral rules (iso_c, iso_cts, tsv, wudi, knots_*, svc) act on 2-D tensors, embeddings included (a conv
+  weight as (out, in * kernel)); a 1-D tensor has no singular vectors, so it gets task arithmetic's
+  scale * sum_k c_k tau_k, as Iso-C's reference code does (danielm1405/iso-merging src/utils/iso.py, iso_c and
+  iso_cts: 2-D task vectors merged spectrally, the others averaged);
 - vocabulary rows (--vocab): with "base" an input's rows past the base's are left out; with "union" a row past
   the base's takes the mean of the inputs that have it as its W_0 and each of those inputs its difference from
   it, the others contributing nothing (mergekit tokenizer/embed.py, assign_embedding_sources: a token of one model
@@ -68,7 +72,8 @@ def task_vectors(plan: FullPlan, readers: Readers, name: str, device) -> tuple[t
         tail = slice(plan.base.tensors[name].shape[0], None)
         weight[tail] /= have[tail].clamp_min(1).reshape(-1, *([1] * (weight.dim() - 1)))
     members = [k for k, source in enumerate(plan.sources) if source.has(name)]
-    taus = weight.new_zeros((len(members), *shape))
+    short = any(c < shape[0] for c in counts)  # rows an input lacks (vocab): their task vector is zero
+    taus = weight.new_zeros((len(members), *shape)) if short else weight.new_empty((len(members), *shape))
     for slot, k in enumerate(members):
         source = plan.sources[k]
         if source.checkpoint is None:
