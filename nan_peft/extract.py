@@ -41,6 +41,7 @@ from .truncation import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, DEFAULT_SK
 from .writer import servable_rank, write_adapter
 
 EXTRACT_RECORD_NAME = "extract_record.json"
+_BLOCK = 1 << 22  # entries of a left-out tensor's task vector in float64 at a time (32 MiB)
 _ENERGY_TOLERANCE = 1e-12  # relative: a rank whose kept energy falls short of F ||tau||^2 by rounding alone is enough
 
 
@@ -209,15 +210,16 @@ def extract_lora(fine_tune: str | os.PathLike, base: str | os.PathLike, spec: Ex
     device = torch.device(spec.device)
     with TensorReader(ft_checkpoint) as tuned, TensorReader(base_checkpoint) as original:
 
-        def task_vector(name: str) -> torch.Tensor:
-            tau = tuned.read(name).to(device, torch.float64)
-            tau -= original.read(name).to(device, torch.float64)  # in place: two float64 tensors at most
+        def difference(name: str, ft: torch.Tensor, base_: torch.Tensor) -> torch.Tensor:
+            """ft - base_ in float64 on the device (two float64 tensors at most), refusing NaN and Inf."""
+            tau = ft.to(device, torch.float64)
+            tau -= base_.to(device, torch.float64)
             if not bool(torch.isfinite(tau).all()):
                 raise NanPeftError(f"tensor {name}: NaN or Inf in the fine-tune {fine_tune} or the base {base}")
             return tau
 
         for target in plan.targets:
-            tau = task_vector(target.tensor)
+            tau = difference(target.tensor, tuned.read(target.tensor), original.read(target.tensor))
             norm = float(tau.square().sum().sqrt())
             if norm == 0:
                 unchanged += 1
@@ -233,8 +235,9 @@ def extract_lora(fine_tune: str | os.PathLike, base: str | os.PathLike, spec: Ex
                     modules[path] = LoraModule(P.T.contiguous(), Q.T.contiguous(), 1.0, "embedding" if kind == "embedding" else "linear",
                                                fan_in_fan_out=kind == "conv1d")
                 report.append(ModuleReport(path, target.tensor, P.shape[1], norm, discarded, how))
-        for name, why in plan.others.items():
-            norm = float(task_vector(name).square().sum().sqrt())
+        for name, why in plan.others.items():  # only their norms: a block of entries at a time (an embedding left out)
+            ft, base_ = tuned.read(name).reshape(-1), original.read(name).reshape(-1)
+            norm = sum(float(difference(name, ft[i : i + _BLOCK], base_[i : i + _BLOCK]).square().sum()) for i in range(0, ft.numel(), _BLOCK)) ** 0.5
             if norm:
                 left_out.append({"tensor": name, "norm": norm, "why": why})
     if not modules:
