@@ -20,6 +20,7 @@ from models import GPT2, LLAMA, input_ids, make_adapter, tiny_gpt2, tiny_llama
 from nan_peft import NanPeftError
 from nan_peft.cli import cli
 from nan_peft.full import merge_checkpoints, read_plan, task_vector_gram
+from nan_peft.rules import RANDOM, RULES, SPECTRAL, module_generator
 from nan_peft.spec import MergeSpec
 
 TOKENIZER = '{"version": "1.0", "model": {"type": "BPE"}}\n'
@@ -138,6 +139,30 @@ def test_spectral_rule_on_matrices_and_task_arithmetic_on_vectors(models, tmp_pa
             u, s, vh = torch.linalg.svd(total, full_matrices=False)
             total = s.mean() * u @ vh
         assert torch.allclose(merged[name], w + total, atol=5e-6), name
+
+
+RULE_OPTIONS = {"ties": {"density": 0.5}, "dare_linear": {"density": 0.5}, "dare_ties": {"density": 0.5}, "magnitude_prune": {"density": 0.5},
+                "knots_ties": {"density": 0.5}, "knots_dare": {"density": 0.5}, "iso_cts": {"common": 0.5}}
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_every_rule_per_tensor(models, tmp_path, rule):
+    """Each rule of nan_peft.rules, applied tensor by tensor to the float64 task vectors (seeded per tensor name, a
+    1-D tensor under a spectral rule by the weighted sum), is what the streamed merge writes."""
+    base, fts = models[GPT2]
+    options = RULE_OPTIONS.get(rule, {})
+    merge_checkpoints(base, fts[:2], tmp_path / rule, MergeSpec(method=rule, weights=(0.6, 0.4), **options))
+    w0, taus, _, c = reference(base, fts[:2], weights=(0.6, 0.4))
+    merged = tensors(tmp_path / rule)
+    for name, w in w0.items():
+        stack = torch.stack([tau[name] for tau in taus])
+        if rule in SPECTRAL and stack.dim() == 2:
+            expected = (c[:, None] * stack).sum(0)
+        else:
+            generator = module_generator(0, name) if rule in RANDOM else None
+            expected = RULES[rule](stack, c, generator, **options)
+        scale = max(float(expected.abs().max()), 1e-3)
+        assert float((merged[name] - w - expected).abs().max()) < 2e-5 * scale + 1e-6, (rule, name)
 
 
 def test_mixed_lora_and_full_inputs_match_peft(models, tmp_path):
