@@ -10,7 +10,6 @@ import click
 
 from ..spec import ExtractSpec, FoldSpec, MergeSpec, OutputSpec
 from ..full.inputs import is_checkpoint
-from ..full.inputs import is_checkpoint
 from . import app, render
 from .app import cli, opt, output_options, spec_options, stage
 
@@ -87,24 +86,6 @@ def merge(ctx: click.Context, adapters, output, recipe, force, as_json, quiet, d
         written = done.folder
     document = merge_document(result, record, output, sorted(p.name for p in Path(written).iterdir()))
     render.print_json(document) if as_json else click.echo(render.merge_text(document, output))
-
-
-def _merge_full(ctx, paths, output, force, spec, out, fold, recipe_data, as_json, quiet) -> None:
-    """`nan-peft merge --base BASE FT1 FT2 ... -o OUT`: full checkpoints (and adapters) merged as task vectors."""
-    from ..full import check_full_options, full_document, merge_checkpoints
-
-    check_full_options(out, fold)
-    command = [arg for arg in ctx.obj.get("argv", ["nan-peft", "merge"]) if arg not in app.UNRECORDED_FLAGS]
-    with stage(f"task vectors tensor by tensor: norms, coefficients, merge into {output}", quiet):
-        done = merge_checkpoints(out.base, paths, output, spec, vocab=out.vocab, overwrite=force, command=command,
-                                 recipe=recipe_data or None)
-    document = full_document(done, output)
-    if as_json:
-        return render.print_json(document)
-    g = render.g
-    rows = [[i["name"], i["kind"], g(i["norm"]), "per tensor" if i["coefficient"] is None else g(i["coefficient"])] for i in document["inputs"]]
-    click.echo(render.table(["input", "kind", "norm", "coefficient"], rows))
-    click.echo(f"\nmerged checkpoint: {output} ({document['tensors']} tensors, the base's shard layout and dtypes)")
 
 
 def _merge_full(ctx, paths, output, force, spec, out, fold, recipe_data, as_json, quiet) -> None:
