@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import DEFAULT_BATCH_BYTES, _stack
+from .batching import _stack
 from .coefficients import contributions
 from .errors import NanPeftError
 from .gram import _scaled_cholesky, canonical_signs, wide_svd
@@ -43,6 +43,9 @@ from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
 # Qb = B Rb^-1, Qa are then orthonormal to about 1e4 * 2.2e-16, far inside the 1e-9 the rules are tested to (the
 # QR path's own rounding is ~1e-15); stacks beyond it take the QR path.
 CORE_CONDITION = 1e4
+# One batch of modules' float64 stacks (core_merges): the Grams and factorisations of a few dozen 7B-sized modules at
+# once, while the results waiting to be yielded in module order stay small.
+CORE_BATCH_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -109,72 +112,77 @@ def merged_factors(space: CoreSpace, merged: torch.Tensor, rank: int, left_reduc
 
 
 def core_merges(adapters, coefficients, rule: str, params: dict, seed: int | None, rank: int | None = None,
-                device: torch.device | str = "cpu", max_batch_bytes: int = DEFAULT_BATCH_BYTES
+                device: torch.device | str = "cpu", max_batch_bytes: int = CORE_BATCH_BYTES
                 ) -> Iterator[tuple[str, list, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (path, contributing modules, B' (m, k), A' (k, n), S) for every module with a non-zero coefficient:
     the module's updates s_k B_k A_k, stacked in float64 on `device`, merged by RULES[rule] in their core space
     with the coefficients c_k as its weights, k = `rank` (truncated or zero-padded) or, for None, R = the sum of
-    the ranks (exact). S: all singular values of the merged update. Modules with the same shape and ranks are
-    stacked and factored together, at most max_batch_bytes of float64 stacks at a time; yielded in module order."""
+    the ranks (exact). S: all singular values of the merged update. Yielded in module order; the next modules of the
+    same shape and ranks are stacked and merged together (at most max_batch_bytes of float64 stacks), so that only
+    one batch's results per shape wait to be yielded."""
     check_truncation(rule, None if rank is None else "svd")
     found = list(contributions(adapters, coefficients))
-    batches: dict[tuple, list[int]] = {}
-    for i, (_, modules, _) in enumerate(found):
-        batches.setdefault((tuple(mod.rank for mod in modules), modules[0].B.shape[0], modules[0].A.shape[1]), []).append(i)
-    done = {}
-    for (ranks, m, n), members in batches.items():
-        step = max(1, max_batch_bytes // (8 * sum(ranks) * (m + n)))
-        for start in range(0, len(members), step):
-            done.update(_merge_batch([found[i] for i in members[start : start + step]], rule, params, seed, rank, device))
-    for path, modules, _ in found:
-        yield (path, modules, *done.pop(path))
+    keys = [(tuple(mod.rank for mod in modules), modules[0].B.shape[0], modules[0].A.shape[1]) for _, modules, _ in found]
+    members: dict[tuple, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    taken = dict.fromkeys(members, 0)
+    done: dict[int, tuple] = {}
+    for i, (path, modules, _) in enumerate(found):
+        if i not in done:  # the first of a new batch: it and the next modules of its shape
+            (ranks, m, n), first = keys[i], taken[keys[i]]
+            batch = members[keys[i]][first : first + max(1, max_batch_bytes // (8 * sum(ranks) * (m + n)))]
+            taken[keys[i]] = first + len(batch)
+            done.update(zip(batch, _merge_batch([found[j] for j in batch], rule, params, seed, rank, device)))
+        yield (path, modules, *done.pop(i))
 
 
-def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: int | None, device) -> dict:
-    """{path: (B', A', S)} for same-shaped modules items = [(path, modules, c)]: the Grams of their float64 stacks and
-    the scaled Cholesky factors in a few batched calls, then each module's rule on its own cores; where a module's
-    Grams are too ill-conditioned, core_space (QR) instead."""
+def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: int | None, device) -> list[tuple]:
+    """[(B', A', S)] for same-shaped modules items = [(path, modules, c)]: the Grams of their float64 stacks, the
+    scaled Cholesky factors, the SVD bases, cores, the merged factors' SVD and the output products batched over the
+    modules; each module's rule on its own cores. A module whose Grams are too ill-conditioned takes core_space (QR)."""
     right_dense = rule in RIGHT_DENSE
     ranks = [mod.rank for mod in items[0][1]]
+    R, width = sum(ranks), sum(ranks) if rank is None else rank
     m, n = items[0][1][0].B.shape[0], items[0][1][0].A.shape[1]
     terms = [[(0, mod, mod.scale) for mod in modules] for _, modules, _ in items]
     A, B = _stack(terms, ranks, n, m, device, torch.float64)  # B = [s_1 B_1 | ...]
     La, ok_a, scale_a, inverse_a = _scaled_cholesky(A @ A.mT, CORE_CONDITION)
     Lb, ok_b, scale_b, inverse_b = _scaled_cholesky(B.mT @ B, CORE_CONDITION)
-    ok = (ok_a & ok_b).tolist()
+    parts = blocks(ranks)
+    weights = torch.stack([c.to(device, torch.float64) for _, _, c in items])  # (G, K)
+    out: list = [None] * len(items)
+    for g in (~(ok_a & ok_b)).nonzero().flatten().tolist():  # QR, module by module
+        space = core_space(B[g], A[g], ranks, weights[g], right_dense)
+        merged = _rule(rule, space.left if right_dense else space.cores, weights[g], seed, items[g][0], params)
+        out[g] = merged_factors(space, merged, width, right_dense)
+    good = (ok_a & ok_b).nonzero().flatten()
+    if good.numel() == 0:
+        return out
+    A, B, weights = A[good], B[good], weights[good]
     # A A^T = Ra^T Ra and B^T B = Rb^T Rb with Ra = (D_a^-1 La)^T, D = diag(scale): the R factors of A^T and B's QR
     # (up to the signs of their rows); their inverses D L^-T from the inverses the condition bounds computed
-    Ra, Rb = (La / scale_a).mT, (Lb / scale_b).mT
-    Ra_inverse, Rb_inverse = scale_a * inverse_a.mT, scale_b * inverse_b.mT
-    parts = blocks(ranks)
-    out = {}
-    for g, (path, modules, c) in enumerate(items):
-        weights = c.to(device, torch.float64)
-        if not ok[g]:
-            space = core_space(B[g], A[g], ranks, weights, right_dense)
-            merged = _rule(rule, space.left if right_dense else space.cores, weights, seed, path, params)
-            out[path] = merged_factors(space, merged, sum(ranks) if rank is None else rank, right_dense)
-            continue
-        repeated = torch.cat([w.expand(s.stop - s.start) for w, s in zip(weights, parts)])
-        u, _, vh = torch.linalg.svd((Rb[g] * repeated) @ Ra[g].mT, full_matrices=True)
-        v = vh.mT
-        left_b = [u.mT @ Rb[g][:, s] for s in parts]  # U^T (s_k B_k) = u^T Rb_k
-        if right_dense:
-            updates = torch.stack([lb @ A[g][s] for lb, s in zip(left_b, parts)])
-        else:
-            updates = torch.stack([lb @ (Ra[g][:, s].mT @ v) for lb, s in zip(left_b, parts)])
-        merged = _rule(rule, updates, weights, seed, path, params)
-        x, S, yh = wide_svd(merged)  # R x n left-reduced: Cholesky QR, then the R x R SVD
-        k = min(sum(ranks) if rank is None else rank, S.shape[-1])
-        root = S[:k].sqrt()
-        right = root.unsqueeze(-1) * yh[:k]  # S^1/2 y^T: in n coordinates (left-reduced) or V's
-        B_r = B[g] @ (Rb_inverse[g] @ (u @ (x[:, :k] * root)))  # U x S^1/2 = Qb u x S^1/2, Qb = B Rb^-1
-        A_r = right if right_dense else ((right @ v.mT) @ Ra_inverse[g].mT) @ A[g]  # S^1/2 y^T v^T Qa^T, Qa^T = Ra^-T A
-        B_r, A_r = canonical_signs(B_r, A_r)
-        width = sum(ranks) if rank is None else rank
-        if k < width:
-            B_r, A_r = torch.nn.functional.pad(B_r, (0, width - k)), torch.nn.functional.pad(A_r, (0, 0, 0, width - k))
-        out[path] = (B_r, A_r, S)
+    Ra, Rb = (La[good] / scale_a[good]).mT, (Lb[good] / scale_b[good]).mT
+    Ra_inverse, Rb_inverse = scale_a[good] * inverse_a[good].mT, scale_b[good] * inverse_b[good].mT
+    repeated = weights.repeat_interleave(torch.tensor(ranks, device=weights.device), dim=1)  # (G, R): c_k per column
+    u, _, vh = torch.linalg.svd((Rb * repeated.unsqueeze(-2)) @ Ra.mT, full_matrices=True)
+    v = vh.mT
+    left_b = u.mT @ Rb  # its columns of block k: U^T (s_k B_k) = u^T Rb_k
+    right_a = A if right_dense else Ra.mT @ v  # rows of block k: A_k, or Ra_k^T v (A_k V = Ra_k^T v)
+    merged = torch.stack([
+        _rule(rule, torch.stack([left_b[g][:, s] @ right_a[g][s] for s in parts]), weights[g], seed, items[int(index)][0], params)
+        for g, index in enumerate(good)])
+    x, S, yh = wide_svd(merged)  # R x n left-reduced: Cholesky QR, then the R x R SVD
+    k = min(width, S.shape[-1])
+    root = S[..., :k].sqrt()
+    right = root.unsqueeze(-1) * yh[..., :k, :]  # S^1/2 y^T: in n coordinates (left-reduced) or V's
+    B_r = B @ (Rb_inverse @ (u @ (x[..., :k] * root.unsqueeze(-2))))  # U x S^1/2 = Qb u x S^1/2, Qb = B Rb^-1
+    A_r = right if right_dense else ((right @ v.mT) @ Ra_inverse.mT) @ A  # S^1/2 y^T v^T Qa^T, Qa^T = Ra^-T A
+    B_r, A_r = canonical_signs(B_r, A_r)
+    if k < width:
+        B_r, A_r = torch.nn.functional.pad(B_r, (0, width - k)), torch.nn.functional.pad(A_r, (0, 0, 0, width - k))
+    for g, index in enumerate(good.tolist()):
+        out[index] = (B_r[g], A_r[g], S[g])
     return out
 
 

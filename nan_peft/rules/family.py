@@ -85,7 +85,7 @@ def merge_family(
     elif sparsify is not None:
         raise ValueError(f"unknown sparsification {sparsify!r}")
     c = weights.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * c
+    weighted = deltas if bool((c == 1).all()) else deltas * c  # x * 1.0 is x (KnOTS merges its blocks with weights 1)
     if not consensus:
         return scale * weighted.sum(0)
     agree = (weighted.sign() == elect_sign(weighted, sign_method)) & (deltas != 0)
@@ -93,4 +93,4 @@ def merge_family(
     if normalize:
         divisor = (c.abs() * agree).sum(0)
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
-    return scale * merged
+    return merged if scale == 1 else scale * merged

@@ -44,7 +44,8 @@ def finish(merged: torch.Tensor, updates: torch.Tensor, scale: float, calibrate:
     """What follows every rule that can be calibrated: `scale` times its merged update, then, with calibrate="svc",
     calibrated against the unweighted updates (the authors calibrate the merged task vector as it is added, its
     scaling coefficient included)."""
-    merged = scale * merged
+    if scale != 1:  # x * 1.0 is x: no pass over the merged update for the default scale
+        merged = scale * merged
     if calibrate is None:
         return merged
     if calibrate not in CALIBRATIONS:
