@@ -162,7 +162,7 @@ def test_every_rule_per_tensor(models, tmp_path, rule):
             generator = module_generator(0, name) if rule in RANDOM else None
             expected = RULES[rule](stack, c, generator, **options)
         scale = max(float(expected.abs().max()), 1e-3)
-        assert float((merged[name] - w - expected).abs().max()) < 2e-5 * scale + 1e-6, (rule, name)
+        assert float((merged[name] - w - expected).abs().max()) < 1e-4 * scale + 2e-6, (rule, name)  # float32 vs float64 SVDs
 
 
 def test_mixed_lora_and_full_inputs_match_peft(models, tmp_path):
@@ -297,10 +297,10 @@ def test_peak_memory_stays_a_few_tensors(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     peaks = dict(line.split() for line in out.stdout.strip().splitlines())
     # MiB above the baseline, in 4 MiB tensors, of the 32 the inputs hold: task arithmetic holds W_0, the K task
-    # vectors, the update and a read buffer (K + 3) plus about 4 tensors' worth of one-off work space (measured: 10);
-    # TIES adds the dense rule's own temporaries (top-k indices, masks, weighted copies: measured 24)
-    assert float(peaks["task_arithmetic"]) < 12 * 4, peaks
-    assert float(peaks["ties"]) < 28 * 4, peaks
+    # vectors (the update accumulates in them), a read buffer and the written tensor, K + 3 (measured: 7.3); TIES
+    # adds the dense rule's own temporaries (top-k indices, masks, weighted copies: measured 19)
+    assert float(peaks["task_arithmetic"]) < 9 * 4, peaks
+    assert float(peaks["ties"]) < 24 * 4, peaks
 
 
 def test_gram_alone_and_plan_checks(models):

@@ -80,7 +80,7 @@ def read_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         others = sorted(p.name for p in folder.glob("*") if WEIGHT_FILE.fullmatch(p.name))
         found = f" (found {', '.join(others[:3])})" if others else ""
         raise NanPeftError(
-            f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{found}; nan-peft reads full models from safetensors weights only "
+            f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}{found}; nan-peft needs safetensors weights to fold into or merge a full model "
             "(convert a .bin model with transformers: from_pretrained(...).save_pretrained(..., safe_serialization=True))"
         )
     tensors, file_metadata = {}, {}
