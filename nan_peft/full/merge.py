@@ -8,6 +8,7 @@ are then recorded from the same pass)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -88,6 +89,7 @@ def merge_checkpoints(
     if spec.dtype is not None:
         raise NanPeftError("a full-checkpoint merge writes each tensor in the base's dtype: --dtype does not apply")
     given, seed = rule_options(spec.method, spec.rule_given)
+    shown = str(output)  # as given: the card names no temporary or absolute path
     output = check_output(output, overwrite)
     plan = read_plan(base, [str(p) for p in paths], vocab, spec.allow_different_bases)
     if any(output.resolve() == Path(p).resolve() for p in (plan.base.folder, *(s.path for s in plan.sources))):
@@ -115,7 +117,7 @@ def merge_checkpoints(
         write_checkpoint(plan, merged, tmp)
         copy_other_files(plan.tokenizer_from, tmp)
         done.record = full_record(done, spec, base, paths, vocab, command, recipe)
-        write_files(tmp, {RECORD_NAME: record_json(done.record), CARD_NAME: full_card(done.record, str(output))})
+        write_files(tmp, {RECORD_NAME: record_json(done.record), CARD_NAME: full_card(done.record, shown)})
 
     protected = [plan.base.folder, *(s.path for s in plan.sources)]
     done.folder = publish_folder(output, write, overwrite, protected)
@@ -197,7 +199,7 @@ def full_card(record: dict, output: str) -> str:
         f"coefficients (granularity `{record['coefficients']['granularity']}`), tensor by tensor.", "",
         "| input | kind | path | norm ‖τ‖ | coefficient |", "|---|---|---|---:|---:|", *rows, "",
         "## Load it", "", "```python", "from transformers import AutoModelForCausalLM", "",
-        f"model = AutoModelForCausalLM.from_pretrained({output!r})", "```", "",
+        f"model = AutoModelForCausalLM.from_pretrained({json.dumps(output)})", "```", "",
         "## Reproduce it", "", f"{RECORD_NAME} holds every option, the norms, inner products and coefficients. The command:", "",
         "```", shlex.join(record["command"]), "```", "",
     ])
