@@ -49,6 +49,17 @@ JSON output (``--json``); keys are stable, new keys may be added:
                   "error": str | null}],                        # why this option is impossible here
      "modules": [{"module": str, "norms": {name: float}}]}     # absent adapters are left out
 
+With full fine-tuned checkpoints among the inputs (``--base BASE``), ``nan-peft norms --json`` has the same keys
+(an input's "ranks" is [] for a full checkpoint, "modules" counts the tensors it has a task vector in, "modules"
+lists tensors) and "inner_products": [[float]] (K x K, every <tau_i, tau_j>); ``nan-peft merge --json`` prints::
+
+    {"inputs": [{"name": str, "path": str, "kind": "full" | "lora",
+                 "norm": float,                  # ||tau_k|| over the whole model
+                 "coefficient": float | null}],  # null with granularity "module"
+     "inner_products": [[float]], "coefficients": {...}, "options": {...},  # as merge_record.json has them
+     "tensors": int,                     # float tensors merged
+     "output": str, "files": [str]}
+
 ``nan-peft extract --json`` (the extract_record.json written, with "output" and "files")::
 
     {"output": str, "files": [str], "format": 1, "nan_peft_version": str, "command": [str],
