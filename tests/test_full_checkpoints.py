@@ -248,7 +248,12 @@ def test_bad_inputs_one_line_nothing_written(models, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(**{**tiny, "intermediate_size": 40})).save_pretrained(narrow)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(config))
+    torch.save(state, pickled / "pytorch_model.bin")
     cases = {
+        ".bin weights": (pickled, r"no model.safetensors .*found pytorch_model.bin.*needs safetensors"),
         "different architecture": (models[GPT2][1][0], r"model_type 'gpt2' but the base .* has 'llama'"),
         "missing tensor": (_write(tmp_path / "missing", missing, config), r"no tensor model.layers.1.mlp.up_proj.weight, which the base has"),
         "NaN": (_write(tmp_path / "nan", nan, config), r"tensor model.norm.weight holds NaN or Inf"),
