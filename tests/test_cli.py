@@ -548,7 +548,7 @@ def test_inspect_refused_adapter_fails_with_the_reason(tmp_path):
 
 def test_help_lists_commands_in_order_and_groups_options():
     text = ok("--help").stdout
-    assert [line.split()[0] for line in text.split("Commands:")[1].strip().splitlines()[:4]] == ["merge", "norms", "inspect", "demo"]
+    assert [line.split()[0] for line in text.split("Commands:")[1].strip().splitlines()[:5]] == ["merge", "norms", "inspect", "extract", "demo"]
     merge_help = ok("merge", "--help").stdout
     headings = [line[:-1] for line in merge_help.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert headings == ["Input and output", "Coefficients", "Merge rule", "Combination", "Folding", "Execution", "Output"]
