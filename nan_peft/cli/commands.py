@@ -158,7 +158,7 @@ def inspect_adapter(adapter, tensor_parallel, engine_version, as_json, quiet, de
     render.print_json(document) if as_json else click.echo(render.adapter_text(document))
 
 
-@cli.command(short_help="Extract a LoRA adapter from a full fine-tune: the best rank-R factors of each task vector.")
+@cli.command(short_help="A LoRA adapter from a full fine-tune: best rank-R factors.")
 @click.argument("fine_tune", metavar="FT")
 @opt("--base", required=True, metavar="BASE", section="Input and output", help="The model FT was fine-tuned from (a folder or Hub id).")
 @opt("-o", "--output", required=True, metavar="DIR", section="Input and output", help="Folder to write the adapter to.")
@@ -200,7 +200,7 @@ def extract(ctx: click.Context, fine_tune, base, output, force, as_json, quiet, 
                f"{g(100 * worst['relative_discarded'])}% ({worst['module']})\nadapter: {output}")
 
 
-@cli.command(short_help="Build a tiny model and adapters locally, merge them with NAN, check the result.")
+@cli.command(short_help="Build a tiny model and adapters, merge them with NAN, check it.")
 @opt("-o", "--output", metavar="DIR", section="Output", help="Folder for the base model, adapters and merge [default: a new temporary folder].")
 @opt("--force", is_flag=True, section="Output", help="Use DIR even if it is not empty.")
 @output_options(json_flag=False)
