@@ -19,6 +19,7 @@ published atomically) with extract_record.json and a model card beside it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -155,8 +156,9 @@ def plan_extraction(fine_tune: Path, base: Path, spec: ExtractSpec) -> ExtractPl
     return ExtractPlan(fine_tune, base, (ft_checkpoint, base_checkpoint), config, targets, others)
 
 
-def factors(tau: torch.Tensor, spec: ExtractSpec, path: str) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(P (m, k), Q (k, n), how): the best rank-k approximation P Q of the float64 task vector tau (m, n) found by
+def factors(tau: torch.Tensor, spec: ExtractSpec, path: str, squared: float) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(P (m, k), Q (k, n), how): the best rank-k approximation P Q of the float64 task vector tau (m, n), whose
+    squared norm is `squared`, found by
     `how` ("dense": LAPACK SVD; "randomized": sketch.randomized_svd seeded by (sketch_seed, path)), k as the spec
     says (module docstring), singular values split evenly between P and Q."""
     m, n = tau.shape
@@ -169,8 +171,14 @@ def factors(tau: torch.Tensor, spec: ExtractSpec, path: str) -> tuple[torch.Tens
     else:
         L, S, Rt = _randomized(tau, cap, path, oversample, iterations, DEFAULT_SKETCH_SEED if spec.sketch_seed is None else spec.sketch_seed)
         P, Q = split_singular(L, S, Rt, cap)
-    k = energy_rank(S, float(tau.square().sum()), spec.energy, cap)
+    k = energy_rank(S, squared, spec.energy, cap)
     return P[:, :k], Q[:k], how
+
+
+def _squared_norm(tensor: torch.Tensor) -> float:
+    """||tensor||_F^2 in one pass (a dot product: no squared copy)."""
+    flat = tensor.reshape(-1)
+    return float(torch.dot(flat, flat))
 
 
 def energy_rank(S: torch.Tensor, total: float, energy: float | None, cap: int) -> int:
@@ -210,23 +218,25 @@ def extract_lora(fine_tune: str | os.PathLike, base: str | os.PathLike, spec: Ex
     device = torch.device(spec.device)
     with TensorReader(ft_checkpoint) as tuned, TensorReader(base_checkpoint) as original:
 
-        def difference(name: str, ft: torch.Tensor, base_: torch.Tensor) -> torch.Tensor:
-            """ft - base_ in float64 on the device (two float64 tensors at most), refusing NaN and Inf."""
+        def difference(name: str, ft: torch.Tensor, base_: torch.Tensor) -> tuple[torch.Tensor, float]:
+            """(ft - base_ in float64 on the device, its squared norm), refusing NaN and Inf: one of them makes the sum
+            of squares non-finite (a float64 square of a float32 or bfloat16 difference cannot overflow)."""
             tau = ft.to(device, torch.float64)
-            tau -= base_.to(device, torch.float64)
-            if not bool(torch.isfinite(tau).all()):
+            tau -= base_.to(device, torch.float64)  # in place: two float64 tensors at most
+            squared = _squared_norm(tau)
+            if not math.isfinite(squared):
                 raise NanPeftError(f"tensor {name}: NaN or Inf in the fine-tune {fine_tune} or the base {base}")
-            return tau
+            return tau, squared
 
         for target in plan.targets:
-            tau = difference(target.tensor, tuned.read(target.tensor), original.read(target.tensor))
-            norm = float(tau.square().sum().sqrt())
+            tau, squared = difference(target.tensor, tuned.read(target.tensor), original.read(target.tensor))
+            norm = squared**0.5
             if norm == 0:
                 unchanged += 1
                 continue
-            P, Q, how = factors(tau, spec, target.tensor)
+            P, Q, how = factors(tau, spec, target.tensor, squared)
             P, Q = P.to(dtype), Q.to(dtype)
-            discarded = float(tau.addmm_(P.to(torch.float64), Q.to(torch.float64), alpha=-1).square().sum().sqrt())
+            discarded = _squared_norm(tau.addmm_(P.to(torch.float64), Q.to(torch.float64), alpha=-1)) ** 0.5
             P, Q = P.cpu(), Q.cpu()
             for path, kind in target.modules:
                 if kind == "linear":  # B A = tau
@@ -237,7 +247,7 @@ def extract_lora(fine_tune: str | os.PathLike, base: str | os.PathLike, spec: Ex
                 report.append(ModuleReport(path, target.tensor, P.shape[1], norm, discarded, how))
         for name, why in plan.others.items():  # only their norms: a block of entries at a time (an embedding left out)
             ft, base_ = tuned.read(name).reshape(-1), original.read(name).reshape(-1)
-            norm = sum(float(difference(name, ft[i : i + _BLOCK], base_[i : i + _BLOCK]).square().sum()) for i in range(0, ft.numel(), _BLOCK)) ** 0.5
+            norm = sum(difference(name, ft[i : i + _BLOCK], base_[i : i + _BLOCK])[1] for i in range(0, ft.numel(), _BLOCK)) ** 0.5
             if norm:
                 left_out.append({"tensor": name, "norm": norm, "why": why})
     if not modules:
