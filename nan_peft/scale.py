@@ -30,7 +30,10 @@ from .errors import NanPeftError
 
 AUTO = "auto"
 GAMMA = 0.7
-"""The merged update's norm as a multiple of the |c|-weighted mean adapter norm (docs/results.md)."""
+"""The merged update's norm as a multiple of the |c|-weighted mean adapter norm. On the evaluation's validation
+split (6 tasks, 2 LoRA settings, 3 seeds; docs/results.md), the spectral rules' mean normalized accuracy, pooled
+over rules, uniform and NAN coefficients, settings and seeds, was 98.8 / 100.0 / 100.4 / 100.0 / 99.6 / 97.0 % at
+gamma = 0.35 / 0.5 / 0.7 / 1.0 / 1.4 / 2.0: 0.7 is the grid's best."""
 
 
 def parse_scale(value) -> float | str:
