@@ -111,6 +111,7 @@ WIDE_ROWS = 512
 WIDE_RATIO = 4
 WIDE_CONDITION = 1e8
 WIDE_ONE_PASS = 1e4
+WIDE_MIN_ENTRIES = 2**16  # below this LAPACK costs less than the kernels of Cholesky QR
 
 
 def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,7 +125,7 @@ def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if a > b:
         x, S, yh = wide_svd(X.mT)
         return yh.mT, S, x.mT
-    if a > WIDE_ROWS or b < WIDE_RATIO * a or a == 0:
+    if a > WIDE_ROWS or b < WIDE_RATIO * a or a == 0 or a * b < WIDE_MIN_ENTRIES:
         return torch.linalg.svd(X, full_matrices=False)
     factor, Q = None, X  # X = factor @ Q, Q's rows orthonormal after two passes (one where X is well-conditioned)
     for _ in range(2):
