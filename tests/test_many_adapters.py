@@ -245,3 +245,49 @@ def test_randomized_path_stacks_each_factor_once(monkeypatch):
     _, report, _ = merge(adapters_like(6), 5, truncation="randomized", oversample=2, power_iterations=1)
     assert {r.truncation for r in report.values()} == {"randomized"}
     assert calls == {"stack": len(SHAPES), "chunks": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the spectral rules' core space, structurally: same-shaped modules factored together, no Householder QR where the
+# Grams serve (the references are tests/test_spectral_rules.py's)
+
+
+def many_modules(paths, m=40, n=30, ranks=(3, 5, 2), seed=0, duplicate=None):
+    """Three adapters over `paths` (same shape); at module `duplicate` the third adapter's factors repeat the first's
+    (rank-deficient stacks)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = [{p: (torch.randn(r, n, generator=g, dtype=torch.float64), torch.randn(m, r, generator=g, dtype=torch.float64))
+                for p in paths} for r in ranks]
+    if duplicate is not None:
+        factors[2][duplicate] = tuple(t[: ranks[2]] if i == 0 else t[:, : ranks[2]] for i, t in enumerate(factors[0][duplicate]))
+    return [LoraAdapter(f"a{k}", "", {}, {p: LoraModule(A, B, 1.5) for p, (A, B) in factors[k].items()}) for k in range(3)]
+
+
+def test_core_space_factors_same_shaped_modules_together(monkeypatch):
+    """Nine modules of one shape: two scaled Cholesky factorisations (one per side, batched over the modules) and no
+    QR, whatever the number of modules; a module whose stacks are rank-deficient (the same factors twice) takes the
+    QR path alone. Every module still equals the dense reference (iso_c: well defined on rank-deficient stacks, where
+    TSV-M's polar factors are not unique)."""
+    import nan_peft.core_space as core_space
+    from test_spectral_rules import assert_close, module_references, update
+
+    counts = {"cholesky": 0, "qr": 0}
+    cholesky, qr = core_space._scaled_cholesky, torch.linalg.qr
+
+    def counted_cholesky(gram, bound):
+        counts["cholesky"] += 1
+        return cholesky(gram, bound)
+
+    def counted_qr(X, *args, **kwargs):
+        counts["qr"] += 1
+        return qr(X, *args, **kwargs)
+
+    monkeypatch.setattr(core_space, "_scaled_cholesky", counted_cholesky)
+    monkeypatch.setattr(torch.linalg, "qr", counted_qr)
+    paths = [f"layer{i}" for i in range(9)]
+    for duplicate, qr_calls in ((None, 0), ("layer4", 2)):
+        counts.update(cholesky=0, qr=0)
+        result = merge_adapters(many_modules(paths, duplicate=duplicate), method="iso_c", dtype=torch.float64)
+        assert counts == {"cholesky": 2, "qr": qr_calls}
+        for path, (expected, _) in module_references(result, "iso_c", {}).items():
+            assert_close(update(result, path), expected)
