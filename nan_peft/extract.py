@@ -246,8 +246,8 @@ def extract_lora(fine_tune: str | os.PathLike, base: str | os.PathLike, spec: Ex
                                                fan_in_fan_out=kind == "conv1d")
                 report.append(ModuleReport(path, target.tensor, P.shape[1], norm, discarded, how))
         for name, why in plan.others.items():  # only their norms: a block of entries at a time (an embedding left out)
-            ft, base_ = tuned.read(name).reshape(-1), original.read(name).reshape(-1)
-            norm = sum(difference(name, ft[i : i + _BLOCK], base_[i : i + _BLOCK])[1] for i in range(0, ft.numel(), _BLOCK)) ** 0.5
+            blocks = zip(tuned.blocks(name, _BLOCK), original.blocks(name, _BLOCK))
+            norm = sum(difference(name, ft, base_)[1] for ft, base_ in blocks) ** 0.5
             if norm:
                 left_out.append({"tensor": name, "norm": norm, "why": why})
     if not modules:

@@ -187,10 +187,21 @@ class TensorReader:
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.checkpoint.tensors[name]
-        path = self.checkpoint.folder / entry.file
-        if entry.file not in self._fds:
-            self._fds[entry.file] = os.open(path, os.O_RDONLY)
-        return read_tensor(self._fds[entry.file], entry, path)
+        return read_tensor(self._fd(entry.file), entry, self.checkpoint.folder / entry.file)
+
+    def blocks(self, name: str, count: int):
+        """Tensor `name` flattened, `count` entries at a time (the last block shorter): never whole in memory."""
+        entry = self.checkpoint.tensors[name]
+        step = count * ITEMSIZE[entry.dtype]
+        for start in range(entry.begin, entry.end, step):
+            data = torch.empty(min(step, entry.end - start), dtype=torch.uint8)
+            read_into(self._fd(entry.file), data, start, self.checkpoint.folder / entry.file)
+            yield data.view(FLOATS[entry.dtype])
+
+    def _fd(self, file: str) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(self.checkpoint.folder / file, os.O_RDONLY)
+        return self._fds[file]
 
     def close(self) -> None:
         for fd in self._fds.values():
