@@ -211,3 +211,18 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
         assert not out.exists() and not any(p.name.startswith(".out.") for p in tmp_path.iterdir()), label
     with pytest.raises(NanPeftError, match="energy"):
         extract_lora(ft, base, energy=-0.1)
+
+
+def test_left_out_norms_are_read_a_block_at_a_time(models, monkeypatch):
+    """A left-out tensor's norm from TensorReader.blocks (never the whole tensor): the same as whole, block sizes aside."""
+    import nan_peft.extract as extract_module
+    from nan_peft.fold.checkpoint import TensorReader, read_checkpoint
+
+    root, taus = models
+    monkeypatch.setattr(extract_module, "_BLOCK", 1000)  # the embeddings' 3072 entries in 4 blocks, the last short
+    extraction = extract_lora(root / "llama-low", root / "llama-base", rank=2, modules=["!embed_tokens|lm_head"])
+    left = {entry["tensor"]: entry["norm"] for entry in extraction.left_out}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert math.isclose(left[name], float(taus["llama-low"][name].norm()), rel_tol=1e-9)
+    with TensorReader(read_checkpoint(root / "llama-low")) as reader:
+        assert torch.equal(torch.cat(list(reader.blocks("lm_head.weight", 1000))), reader.read("lm_head.weight").reshape(-1))
