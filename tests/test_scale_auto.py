@@ -163,3 +163,12 @@ def test_bad_scale_in_a_recipe_or_python(cli_dir, monkeypatch, tmp_path, value, 
     assert not (tmp_path / "o").exists()
     with pytest.raises(NanPeftError, match="scale must be a number or auto"):
         MergeSpec(scale=value)
+
+
+def test_full_checkpoint_merge_refuses_auto(tmp_path):
+    """A full-checkpoint merge builds no LoRA factors to measure: auto is refused before anything is read."""
+    from nan_peft.full.merge import merge_checkpoints
+
+    with pytest.raises(NanPeftError, match="--scale auto is for LoRA merges"):
+        merge_checkpoints(tmp_path / "base", [tmp_path / "ft"], tmp_path / "out", MergeSpec(scale="auto"))
+    assert not (tmp_path / "out").exists()

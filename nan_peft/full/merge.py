@@ -88,6 +88,8 @@ def merge_checkpoints(
         raise NanPeftError("a full-checkpoint merge is exact: --rank and the truncation options do not apply")
     if spec.dtype is not None:
         raise NanPeftError("a full-checkpoint merge writes each tensor in the base's dtype: --dtype does not apply")
+    if spec.scale == "auto":  # nan_peft.scale measures the merged LoRA factors' report, which this path does not build
+        raise NanPeftError("--scale auto is for LoRA merges; give a full-checkpoint merge a number")
     given, seed = rule_options(spec.method, spec.rule_given)
     shown = str(output)  # as given: the card names no temporary or absolute path
     output = check_output(output, overwrite)
