@@ -277,6 +277,8 @@ def _rule_text(record: Mapping) -> str:
     }.get(method, method)
     rule_name = options.get("method", "task_arithmetic")
     rule_options = ", ".join(f"{key} {options[key]}" for key in ("density", "scale", "normalize", "seed") if options.get(key) is not None)
+    if options.get("scale_chosen") is not None:  # --scale auto: the number it chose
+        rule_options = rule_options.replace("scale auto", f"scale auto = {options['scale_chosen']:.6g}")
     plugged = f"plugged into the `{rule_name}` merge rule" + (f" ({rule_options})" if rule_options else "")
     return f"{rule}, granularity `{coefficients['granularity']}`, {plugged}"
 

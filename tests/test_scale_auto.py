@@ -172,3 +172,12 @@ def test_full_checkpoint_merge_refuses_auto(tmp_path):
     with pytest.raises(NanPeftError, match="--scale auto is for LoRA merges"):
         merge_checkpoints(tmp_path / "base", [tmp_path / "ft"], tmp_path / "out", MergeSpec(scale="auto"))
     assert not (tmp_path / "out").exists()
+
+
+def test_card_names_the_chosen_scale(cli_dir, tmp_path):
+    result = merge_adapters([str(cli_dir / "big"), str(cli_dir / "small")], method="tsv", scale="auto")
+    result.save_pretrained(tmp_path / "o")
+    from nan_peft.record import merge_record, model_card
+
+    card = model_card(result, merge_record(result, [], ["nan-peft"]), str(tmp_path / "o"))
+    assert f"scale auto = {result.options['scale_chosen']:.6g}" in card
