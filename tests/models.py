@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -52,3 +53,20 @@ def make_adapter(folder: Path, base: str = LLAMA, seed: int = 1, magnitude: floa
 
 def input_ids(batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(123))
+
+
+def fine_tune(builder, folder, seed, norm, shard="100MB", rows=None):
+    """A fine-tune-like checkpoint: every parameter moved by a random perturbation whose norm over the whole model
+    is `norm` (rows: resize the vocabulary first, new rows appended, as resize_token_embeddings does)."""
+    model = builder()
+    if rows is not None:
+        model.resize_token_embeddings(rows)
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    deltas = {name: torch.randn(p.shape, generator=generator) * (1 + 3 * (i % 3)) for i, (name, p) in enumerate(params.items())}
+    scale = norm / math.sqrt(sum(float(d.double().square().sum()) for d in deltas.values()))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.add_(deltas[name] * scale)
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder

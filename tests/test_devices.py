@@ -1,5 +1,5 @@
 """The accelerator paths give the CPU's results: norms, every merge rule, the written adapter, the fold (streamed
-and placed by accelerate), live merging and the command line, each run on the device and compared with the same
+and placed by accelerate), live merging, the command line, full fine-tunes merged and LoRA extracted from them, each run on the device and compared with the same
 call on the CPU (itself proven against dense references and peft in the other test files).
 
 The device under test is NAN_PEFT_TEST_DEVICE (default cuda); the tests are skipped where it is absent. Set it to
@@ -12,11 +12,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from models import BASES, LLAMA, input_ids, tiny_llama
+from models import BASES, LLAMA, fine_tune, input_ids, tiny_llama
 from nan_peft import merge_adapters, update_gram
 from nan_peft.cli import cli
+from nan_peft.extract import extract_lora
+from nan_peft.full import merge_checkpoints
 from nan_peft.fold import fold_into
 from nan_peft.live import add_nan_weighted_adapter
+from nan_peft.spec import ExtractSpec, MergeSpec
 from oracle import load_sources
 
 DEVICE = os.environ.get("NAN_PEFT_TEST_DEVICE", "cuda")
@@ -124,3 +127,29 @@ def test_command_line_device(llama_adapters, base, tmp_path):
     assert ours.keys() == reference.keys()
     for name, weight in reference.items():
         torch.testing.assert_close(ours[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module")
+def fine_tunes(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fine-tunes")
+    return [fine_tune(tiny_llama, root / f"ft{k}", seed=k, norm=norm, shard="60KB") for k, norm in enumerate([0.5, 2.0, 1.2])]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "iso_c"])
+def test_full_checkpoint_merge(base, fine_tunes, tmp_path, method):
+    options = dict(method=method, density=0.5) if method == "ties" else dict(method=method)
+    merge_checkpoints(base, fine_tunes, tmp_path / "device", MergeSpec(device=DEVICE, **options))
+    merge_checkpoints(base, fine_tunes, tmp_path / "cpu", MergeSpec(**options))
+    ours, reference = folded(tmp_path / "device"), folded(tmp_path / "cpu")
+    assert ours.keys() == reference.keys()
+    for name, weight in reference.items():
+        torch.testing.assert_close(ours[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("truncation", ["exact", "randomized"])
+def test_extract(base, fine_tunes, tmp_path, truncation):
+    for device, folder in ((DEVICE, "device"), ("cpu", "cpu")):
+        extract_lora(fine_tunes[1], base, ExtractSpec(rank=4, truncation=truncation, device=device)).save_pretrained(tmp_path / folder)
+    ours = updates(merge_adapters([tmp_path / "device"]))
+    # the randomized range finder's sketch is drawn on the CPU (seeded), so only rounding differs between devices
+    assert_same_updates(ours, updates(merge_adapters([tmp_path / "cpu"])), rtol=1e-5 if truncation == "exact" else 1e-4)

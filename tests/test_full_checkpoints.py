@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from models import GPT2, LLAMA, input_ids, make_adapter, tiny_gpt2, tiny_llama
+from models import GPT2, LLAMA, fine_tune, input_ids, make_adapter, tiny_gpt2, tiny_llama
 from nan_peft import NanPeftError
 from nan_peft.cli import cli
 from nan_peft.full import merge_checkpoints, read_plan, task_vector_gram
@@ -25,23 +25,6 @@ from nan_peft.spec import MergeSpec
 
 TOKENIZER = '{"version": "1.0", "model": {"type": "BPE"}}\n'
 BUILDERS = {LLAMA: tiny_llama, GPT2: tiny_gpt2}
-
-
-def fine_tune(builder, folder, seed, norm, shard="100MB", rows=None):
-    """A fine-tune-like checkpoint: every parameter moved by a random perturbation whose norm over the whole model
-    is `norm` (rows: resize the vocabulary first, new rows appended, as resize_token_embeddings does)."""
-    model = builder()
-    if rows is not None:
-        model.resize_token_embeddings(rows)
-    generator = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    deltas = {name: torch.randn(p.shape, generator=generator) * (1 + 3 * (i % 3)) for i, (name, p) in enumerate(params.items())}
-    scale = norm / math.sqrt(sum(float(d.double().square().sum()) for d in deltas.values()))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.add_(deltas[name] * scale)
-    model.save_pretrained(folder, max_shard_size=shard)
-    return folder
 
 
 def tensors(folder, dtype=torch.float64):
@@ -321,13 +304,3 @@ def test_gram_alone_and_plan_checks(models):
     with pytest.raises(NanPeftError, match="--dtype does not apply"):
         merge_checkpoints(base, fts, base.parent / "never", MergeSpec(dtype="float16"))
     assert not (base.parent / "never").exists()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(models, tmp_path):
-    base, fts = models[LLAMA]
-    merge_checkpoints(base, fts, tmp_path / "cpu", MergeSpec(method="ties", density=0.5))
-    merge_checkpoints(base, fts, tmp_path / "gpu", MergeSpec(method="ties", density=0.5, device="cuda"))
-    cpu, gpu = tensors(tmp_path / "cpu"), tensors(tmp_path / "gpu")
-    for name in cpu:
-        assert torch.allclose(cpu[name], gpu[name], atol=1e-5), name
