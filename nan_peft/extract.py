@@ -19,6 +19,7 @@ published atomically) with extract_record.json and a model card beside it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -317,7 +318,7 @@ def extract_card(extraction: Extraction, record: dict, output: str) -> str:
         "",
         "```python",
         "from peft import PeftModel",
-        f"model = PeftModel.from_pretrained(base_model, {output!r})",
+        f"model = PeftModel.from_pretrained(base_model, {json.dumps(output)})",
         "```",
         "",
         f"{EXTRACT_RECORD_NAME} holds every module's rank and discarded norm; the command that made it:",
