@@ -322,20 +322,26 @@ def _same_update(a: LoraAdapter, b: LoraAdapter) -> bool:
 
 
 def _unique_names(adapters: list[LoraAdapter]) -> list[LoraAdapter]:
-    """Give adapters with the same name distinct names (a, a#2, ...) so reports stay unambiguous; renamed
+    """Give adapters with the same name distinct names (unique_names) so reports stay unambiguous; renamed
     adapters are shallow copies, so the caller's objects keep their names."""
-    taken = {adapter.name for adapter in adapters}
+    names = unique_names([adapter.name for adapter in adapters])
+    return [a if a.name == name else dataclasses.replace(a, name=name) for a, name in zip(adapters, names)]
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """The names, repeats made distinct as name#2, name#3, ... (skipping any name already taken)."""
+    taken = set(names)
     seen: set[str] = set()
     unique = []
-    for adapter in adapters:
-        if adapter.name in seen:
+    for name in names:
+        if name in seen:
             count = 2
-            while f"{adapter.name}#{count}" in taken:
+            while f"{name}#{count}" in taken:
                 count += 1
-            adapter = dataclasses.replace(adapter, name=f"{adapter.name}#{count}")
-            taken.add(adapter.name)
-        seen.add(adapter.name)
-        unique.append(adapter)
+            name = f"{name}#{count}"
+            taken.add(name)
+        seen.add(name)
+        unique.append(name)
     return unique
 
 

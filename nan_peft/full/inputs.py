@@ -20,8 +20,8 @@ from ..fold.checkpoint import FLOATS, MODEL_CONFIG_NAME, Checkpoint, read_checkp
 from ..fold.plan import plan_fold
 from ..lora import LoraAdapter, LoraModule
 from ..peft_format import CONFIG_NAME as ADAPTER_CONFIG
+from ..reader import unique_names
 from ..spec import VOCABS
-
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -80,7 +80,7 @@ def plan_full(base: str | os.PathLike | None, paths, adapters: dict[int, LoraAda
     folder = resolve_base(base)
     checkpoint = read_checkpoint(folder)
     config = _config(folder)
-    names = _unique([Path(str(p)).name or str(p) for p in paths])
+    names = unique_names([Path(str(p)).name or str(p) for p in paths])
     sources = []
     for k, (path, name) in enumerate(zip(paths, names)):
         if k in adapters:
@@ -165,15 +165,6 @@ def _lora_source(name: str, path: str, adapter: LoraAdapter, folder: Path) -> So
     if plan.untied:
         raise NanPeftError(f"{path}: the adapter changes a tied weight ({', '.join(plan.untied[0])}); merging it into a full checkpoint is not supported")
     return Source(name, path, adapter=adapter, modules={key: plan.modules[module] for key, module in plan.targets.items()})
-
-
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
-    return unique
 
 
 __all__ = ["FullPlan", "Source", "VOCABS", "is_checkpoint", "plan_full", "rows"]
