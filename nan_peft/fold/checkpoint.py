@@ -215,6 +215,30 @@ class TensorReader:
         self.close()
 
 
+def encode_header(tensors, metadata: dict[str, str] | None) -> tuple[bytes, int]:
+    """(the header bytes, the data's total bytes) of a safetensors file holding `tensors` [(name, dtype, shape,
+    bytes)] back to back in that order: the JSON's length as a little-endian u64, then the JSON padded with spaces to
+    a multiple of 8 bytes, as safetensors writes it."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape, size in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_model_files(folder: Path, config: dict, index_metadata: dict | None, weight_map: dict[str, str]) -> None:
+    """Beside shards written to `folder`: the index (with `index_metadata`, for a sharded checkpoint; None for one
+    file) mapping each tensor to its shard, and config.json."""
+    if index_metadata is not None:
+        index = {"metadata": index_metadata, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / MODEL_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def copy_range(src: int, dst: int, offset: int, length: int, path: Path) -> None:
     """Append `length` bytes of `src` from `offset` to `dst`: in the kernel where it can, else in chunks."""
     done = 0

@@ -5,8 +5,6 @@ update. Memory stays about one tensor plus its update."""
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -19,7 +17,7 @@ from ..combination import dense_updates, stacked_factors, weighted_terms
 from ..errors import NanPeftError
 from ..lora import LoraModule
 from ..rules import LOW_RANK
-from .checkpoint import MODEL_CONFIG_NAME, FLOATS, INDEX_NAME, ITEMSIZE, StoredTensor, copy_range, flush, numel, read_into, read_tensor, write_all
+from .checkpoint import FLOATS, ITEMSIZE, StoredTensor, copy_range, encode_header, flush, numel, write_model_files, read_into, read_tensor, write_all
 from .plan import FoldPlan
 
 if TYPE_CHECKING:
@@ -64,15 +62,14 @@ def write_streaming(plan: FoldPlan, result: MergeResult, rule: str, options: Map
             flushed.append(flusher.submit(flush, tmp / file))
         for done in flushed:
             done.result()
+    metadata = None
     if checkpoint.sharded:
         metadata = dict(checkpoint.index_metadata)
         metadata["total_size"] = total_size
         if "total_parameters" in metadata:
             split = [source for names in plan.layout.values() for name, source in names.items() if name != source]
             metadata["total_parameters"] += sum(numel(checkpoint.tensors[source].shape) for source in split)
-        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_model_files(tmp, plan.config, metadata, weight_map)
 
 
 def _write_shard(plan, file, names, result, rule, options, device, target: Path) -> int:
@@ -80,18 +77,11 @@ def _write_shard(plan, file, names, result, rule, options, device, target: Path)
     checkpoint = plan.checkpoint
     stored = {name: checkpoint.tensors[source] for name, source in names.items()}
     order = sorted(names, key=lambda name: (-ITEMSIZE.get(stored[name].dtype, 1), name))  # aligned, as safetensors does
-    header, offset = {}, 0
-    if checkpoint.file_metadata[file]:
-        header["__metadata__"] = checkpoint.file_metadata[file]
-    for name in order:
-        size = stored[name].end - stored[name].begin
-        header[name] = {"dtype": stored[name].dtype, "shape": list(stored[name].shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    header, offset = encode_header([(name, stored[name].dtype, stored[name].shape, stored[name].end - stored[name].begin) for name in order],
+                                   checkpoint.file_metadata[file])
     buffers = _Buffers(device)
     with open(checkpoint.folder / file, "rb", buffering=0) as source, open(target, "wb", buffering=0) as out:
-        write_all(out.fileno(), struct.pack("<Q", len(raw)) + raw)
+        write_all(out.fileno(), header)
         for name in order:
             entry = stored[name]
             if name not in plan.targets:

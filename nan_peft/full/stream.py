@@ -22,8 +22,6 @@ tensor, 1-D norms and biases and embeddings alike, gets the same rule on its tas
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NanPeftError
-from ..fold.checkpoint import FLOATS, INDEX_NAME, ITEMSIZE, MODEL_CONFIG_NAME, TensorReader, copy_range, numel, write_all
+from ..fold.checkpoint import FLOATS, ITEMSIZE, TensorReader, copy_range, encode_header, numel, write_all, write_model_files
 from ..rules import RULES, in_core_space, module_generator
 from .inputs import FullPlan, rows
 
@@ -149,18 +147,10 @@ def write_checkpoint(plan: FullPlan, merged: Callable[[str], torch.Tensor], tmp:
     total = 0
     for file in base.files:
         names = sorted((n for n, e in base.tensors.items() if e.file == file), key=lambda n: base.tensors[n].begin)
-        header, offset = {}, 0
-        if base.file_metadata[file]:
-            header["__metadata__"] = base.file_metadata[file]
-        for name in names:
-            entry = base.tensors[name]
-            size = numel(plan.shapes[name]) * ITEMSIZE.get(entry.dtype, 1) if entry.dtype in FLOATS else entry.end - entry.begin
-            header[name] = {"dtype": entry.dtype, "shape": list(plan.shapes[name]), "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        header, offset = encode_header([(name, base.tensors[name].dtype, plan.shapes[name], _stored_bytes(plan, name)) for name in names],
+                                       base.file_metadata[file])
         with open(base.folder / file, "rb", buffering=0) as source, open(tmp / file, "wb", buffering=0) as out:
-            write_all(out.fileno(), struct.pack("<Q", len(raw)) + raw)
+            write_all(out.fileno(), header)
             for name in names:
                 entry = base.tensors[name]
                 if entry.dtype not in FLOATS:
@@ -170,8 +160,11 @@ def write_checkpoint(plan: FullPlan, merged: Callable[[str], torch.Tensor], tmp:
                 write_all(out.fileno(), tensor.reshape(-1).view(torch.uint8).numpy().data)
                 del tensor  # before the next one is computed
         total += offset
-    if base.sharded:
-        index = {"metadata": {**base.index_metadata, "total_size": total},
-                 "weight_map": {name: base.tensors[name].file for name in sorted(base.tensors)}}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    metadata = {**base.index_metadata, "total_size": total} if base.sharded else None
+    write_model_files(tmp, plan.config, metadata, {name: entry.file for name, entry in base.tensors.items()})
+
+
+def _stored_bytes(plan: FullPlan, name: str) -> int:
+    """Bytes of tensor `name` in the output: its output shape in the base's dtype (a non-float tensor: as stored)."""
+    entry = plan.base.tensors[name]
+    return numel(plan.shapes[name]) * ITEMSIZE[entry.dtype] if entry.dtype in FLOATS else entry.end - entry.begin
