@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -127,8 +127,7 @@ class MergeSpec:
             raise NanPeftError(f"common must be in (0, 1), got {self.common}")
         if self.scale == 0:
             raise NanPeftError("scale 0 makes the merged update zero: nothing to merge")
-        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
-            raise NanPeftError(f"rank must be a positive integer, got {self.rank!r}")
+        check_integers(self, {"rank": 1})
         rule_options(self.method, self.rule_given)  # fail before any reading
         set_(self, "combine", self.combine or default_combine(self.method))
         check_truncation(self.method, self.combine)
@@ -250,8 +249,7 @@ class ExtractSpec:
         import re
 
         set_ = object.__setattr__
-        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
-            raise NanPeftError(f"rank must be a positive integer, got {self.rank!r}")
+        check_integers(self, {"rank": 1, "oversample": 0, "power_iterations": 0, "sketch_seed": 0})
         if self.energy is not None and (isinstance(self.energy, bool) or not isinstance(self.energy, (int, float))
                                         or not 0 < self.energy <= 1):
             raise NanPeftError(f"energy must be a fraction in (0, 1], got {self.energy!r}")
@@ -265,12 +263,16 @@ class ExtractSpec:
                 raise NanPeftError(f"modules: {pattern!r} is not a regular expression ({error})") from None
         set_(self, "modules", modules)
         check_choices(self, ("truncation",))
-        for key in ("oversample", "power_iterations", "sketch_seed"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise NanPeftError(f"{key} must be a non-negative integer, got {value!r}")
         set_(self, "device", str(resolve_device(self.device)))
         set_(self, "dtype", dtype_name(self.dtype))
+
+
+def check_integers(spec, minimums: Mapping[str, int]) -> None:
+    """NanPeftError for a field of `minimums` that is given but not an integer at least its minimum (0 or 1)."""
+    for key, low in minimums.items():
+        value = getattr(spec, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise NanPeftError(f"{key} must be a {'positive' if low == 1 else 'non-negative'} integer, got {value!r}")
 
 
 def check_choices(spec, names: Sequence[str]) -> None:
