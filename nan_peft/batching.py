@@ -114,7 +114,7 @@ def stacked_chunks(
         yield slice(begin, end), piece
 
 
-def _stack(chunk, ranks, n, m, device, dtype, out=None, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_terms(chunk, ranks, n, m, device, dtype, out=None, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The stacks (A (G, R, n), B (G, m, R)) of the chunk's terms, the weights applied to B (unless not
     `weighted`: the factors' own values); written into out = (A, B) when given (buffers reused across batches)."""
     R = sum(ranks)

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import _stack
+from .batching import stack_terms
 from .coefficients import contributions
 from .errors import NanPeftError
-from .gram import _scaled_cholesky, canonical_signs, wide_svd
+from .gram import canonical_signs, scaled_cholesky, wide_svd
 from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
 
 # core_merges trusts the Cholesky factors of the Jacobi-scaled Grams up to this condition bound: the implied bases
@@ -143,12 +143,12 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     modules; each module's rule on its own cores. A module whose Grams are too ill-conditioned takes core_space (QR)."""
     right_dense = rule in RIGHT_DENSE
     ranks = [mod.rank for mod in items[0][1]]
-    R, width = sum(ranks), sum(ranks) if rank is None else rank
+    width = sum(ranks) if rank is None else rank
     m, n = items[0][1][0].B.shape[0], items[0][1][0].A.shape[1]
     terms = [[(0, mod, mod.scale) for mod in modules] for _, modules, _ in items]
-    A, B = _stack(terms, ranks, n, m, device, torch.float64)  # B = [s_1 B_1 | ...]
-    La, ok_a, scale_a, inverse_a = _scaled_cholesky(A @ A.mT, CORE_CONDITION)
-    Lb, ok_b, scale_b, inverse_b = _scaled_cholesky(B.mT @ B, CORE_CONDITION)
+    A, B = stack_terms(terms, ranks, n, m, device, torch.float64)  # B = [s_1 B_1 | ...]
+    La, ok_a, scale_a, inverse_a = scaled_cholesky(A @ A.mT, CORE_CONDITION)
+    Lb, ok_b, scale_b, inverse_b = scaled_cholesky(B.mT @ B, CORE_CONDITION)
     parts = blocks(ranks)
     weights = torch.stack([c.to(device, torch.float64) for _, _, c in items])  # (G, K)
     out: list = [None] * len(items)

@@ -71,8 +71,8 @@ def truncation_from_grams(
     exceeds `max_condition` (or a Gram is singular: a zero row, the same adapter twice, R above m or n)
     ok is False and that module's results are not to be used (use truncate_low_rank there).
     """
-    La, ok_a, scale_a, _ = _scaled_cholesky(AAt, max_condition)
-    Lb, ok_b, scale_b, _ = _scaled_cholesky(BtB, max_condition)
+    La, ok_a, scale_a, _ = scaled_cholesky(AAt, max_condition)
+    Lb, ok_b, scale_b, _ = scaled_cholesky(BtB, max_condition)
     ok = ok_a & ok_b
     # unscaled factors: AAt = (La / scale_a) (La / scale_a)^T, scale = diag(Gram)^-1/2 as a column
     core = (Lb / scale_b).mT @ (La / scale_a)
@@ -85,7 +85,7 @@ def truncation_from_grams(
     return Pb, Pa, S, ok
 
 
-def _scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def scaled_cholesky(gram: torch.Tensor, max_condition: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L, ok, scale, inverse): L L^T = D gram D with D = diag(scale), scale = diag(gram)^-1/2 as an (..., R, 1)
     column, and ok where the factorisation succeeded with a condition bound R ||L^-1||_F^2 below max_condition;
     inverse = L^-1 (computed for the bound anyway: a caller applies it as a product instead of a triangular solve).
@@ -129,7 +129,7 @@ def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return torch.linalg.svd(X, full_matrices=False)
     factor, Q = None, X  # X = factor @ Q, Q's rows orthonormal after two passes (one where X is well-conditioned)
     for _ in range(2):
-        L, ok, scale, inverse = _scaled_cholesky(Q @ Q.mT, WIDE_CONDITION)
+        L, ok, scale, inverse = scaled_cholesky(Q @ Q.mT, WIDE_CONDITION)
         if not bool(ok.all()):
             return torch.linalg.svd(X, full_matrices=False)
         # Q Q^T = D^-1 L L^T D^-1: Q = (D^-1 L) Q' with Q' = L^-1 D Q

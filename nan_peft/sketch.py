@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .gram import _scaled_cholesky
+from .gram import scaled_cholesky
 
 Apply = Callable[[torch.Tensor], torch.Tensor]
 """X (..., n, l) -> M @ X (..., m, l), or Y (..., m, l) -> M^T @ Y (..., n, l)."""
@@ -118,7 +118,7 @@ def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None, passe
     for _ in range(passes):
         if before is not None:
             Q = torch.baddbmm(Q, before, before.mT @ Q, alpha=-1) if Q.dim() == 3 else Q - before @ (before.mT @ Q)
-        _, ok, scale, inverse = _scaled_cholesky(Q.mT @ Q, CHOLESKY_QR_CONDITION)
+        _, ok, scale, inverse = scaled_cholesky(Q.mT @ Q, CHOLESKY_QR_CONDITION)
         if not bool(ok.all()):
             break
         Q = Q @ (scale * inverse.mT)  # Q D L^-T: one product with the inverse the condition bound computed

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .batching import Group, _stack, chunk_bytes, groups, modules_per_piece, stacked_chunks
+from .batching import Group, chunk_bytes, groups, modules_per_piece, stack_terms, stacked_chunks
 from .gram import canonical_signs, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
 from .norms import factor_grams
 from .sketch import factored, randomized_svd, seeded_gaussians
@@ -110,7 +110,7 @@ def truncate_groups(terms, rank, device, dtype, max_batch_bytes, merged_norms, s
         qr = set()
         for g in (~torch.isfinite(S).all(-1)).nonzero().flatten().tolist():  # marked ill-conditioned: QR
             path = group.paths[g]
-            A_full, B_full = _stack([terms[path]], group.ranks, group.n, group.m, device, torch.float64)
+            A_full, B_full = stack_terms([terms[path]], group.ranks, group.n, group.m, device, torch.float64)
             B_qr, A_qr, singular = (x[0] for x in truncate_low_rank(B_full, A_full, rank))
             B[g], A[g] = B_qr.to("cpu", dtype), A_qr.to("cpu", dtype)
             qr.add(g)
@@ -140,7 +140,7 @@ def _truncate_stacked(group: Group, rank: int, dtype: torch.dtype, device, max_b
     for start in range(0, G, step):
         chunk = group.terms[start : start + step]
         count = len(chunk)
-        A, B = _stack(chunk, group.ranks, n, m, device, stack_dtype, out=(A_buffer[:count], B_buffer[:count]), weighted=how == "dense")
+        A, B = stack_terms(chunk, group.ranks, n, m, device, stack_dtype, out=(A_buffer[:count], B_buffer[:count]), weighted=how == "dense")
         if how == "dense":
             B_r, A_r, S = truncate_dense(B @ A, rank)
             norm, discarded = S.square().sum(-1).sqrt(), tail_energy(S, rank)

@@ -236,11 +236,11 @@ def test_norms_take_one_batched_gram_per_group_whatever_the_number_of_adapters(m
 
 
 def test_randomized_path_stacks_each_factor_once(monkeypatch):
-    """The randomized truncation stacks each group's factors once (batching._stack) and reads those stacks again for the
+    """The randomized truncation stacks each group's factors once (batching.stack_terms) and reads those stacks again for the
     exact discarded norm: no per-adapter re-stacking (batching.stacked_chunks) after the range finder."""
     calls = {"stack": 0, "chunks": 0}
-    stack, chunks = truncation_module._stack, truncation_module.stacked_chunks
-    monkeypatch.setattr(truncation_module, "_stack", lambda *a, **k: calls.__setitem__("stack", calls["stack"] + 1) or stack(*a, **k))
+    stack, chunks = truncation_module.stack_terms, truncation_module.stacked_chunks
+    monkeypatch.setattr(truncation_module, "stack_terms", lambda *a, **k: calls.__setitem__("stack", calls["stack"] + 1) or stack(*a, **k))
     monkeypatch.setattr(truncation_module, "stacked_chunks", lambda *a, **k: calls.__setitem__("chunks", calls["chunks"] + 1) or chunks(*a, **k))
     _, report, _ = merge(adapters_like(6), 5, truncation="randomized", oversample=2, power_iterations=1)
     assert {r.truncation for r in report.values()} == {"randomized"}
@@ -272,7 +272,7 @@ def test_core_space_factors_same_shaped_modules_together(monkeypatch):
     from test_spectral_rules import assert_close, module_references, update
 
     counts = {"cholesky": 0, "qr": 0}
-    cholesky, qr = core_space._scaled_cholesky, torch.linalg.qr
+    cholesky, qr = core_space.scaled_cholesky, torch.linalg.qr
 
     def counted_cholesky(gram, bound):
         counts["cholesky"] += 1
@@ -282,7 +282,7 @@ def test_core_space_factors_same_shaped_modules_together(monkeypatch):
         counts["qr"] += 1
         return qr(X, *args, **kwargs)
 
-    monkeypatch.setattr(core_space, "_scaled_cholesky", counted_cholesky)
+    monkeypatch.setattr(core_space, "scaled_cholesky", counted_cholesky)
     monkeypatch.setattr(torch.linalg, "qr", counted_qr)
     paths = [f"layer{i}" for i in range(9)]
     for duplicate, qr_calls in ((None, 0), ("layer4", 2)):
