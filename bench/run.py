@@ -317,7 +317,7 @@ def extract_case(params: dict, scratch: Path | None) -> dict:
 def fold_case(params: dict, scratch: Path | None, mergekit: str | None) -> dict:
     """Fold timings in one worker process (with peaks each in their own), then the two command lines that fold one
     adapter, nan-peft's and mergekit's, as whole processes."""
-    from .cases import SPECTRAL_RULES, scratch_folder
+    from .cases import scratch_folder
     from .synthetic import SHAPES, write_adapters, write_base
 
     root = scratch_folder(scratch)

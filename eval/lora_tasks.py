@@ -14,7 +14,6 @@ Merged updates are folded into the weights (W + dW, dense, float64 -> float32) f
 from __future__ import annotations
 
 import json
-import math
 import time
 import zlib
 from collections.abc import Sequence

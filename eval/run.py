@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import lora_tasks, report, theory
+    from . import lora_tasks, theory
 
     torch.set_num_threads(args.threads)
     out = args.out or (args.cache / "quick-results" if args.quick else ROOT / "eval" / "results")
