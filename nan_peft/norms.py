@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import DEFAULT_BATCH_BYTES, Group, chunk_bytes, groups, modules_per_piece, stacked_chunks
-from .gram import inner_products_from_grams
+from .gram import gram_of_pieces, inner_products_from_grams
 from .errors import NanPeftError
 from .lora import LoraAdapter
 
@@ -98,10 +98,6 @@ def factor_grams(group: Group, buffer: torch.Tensor, start: int = 0, stop: int |
     """(A A^T, B^T B), each (G, R, R) in buffer's dtype and device, of the unweighted stacked factors of modules
     group.paths[start:stop], summed over pieces converted into `buffer` (batching.stacked_chunks)."""
     G, R = len(group.paths[start:stop]), group.rank
-    AAt = buffer.new_zeros((G, R, R))
-    BtB = buffer.new_zeros((G, R, R))
-    for _, piece in stacked_chunks(group, "A", buffer, start, stop):
-        AAt.baddbmm_(piece, piece.mT)
-    for _, piece in stacked_chunks(group, "B", buffer, start, stop):
-        BtB.baddbmm_(piece.mT, piece)
+    AAt = gram_of_pieces((piece for _, piece in stacked_chunks(group, "A", buffer, start, stop)), buffer.new_zeros((G, R, R)))
+    BtB = gram_of_pieces((piece.mT for _, piece in stacked_chunks(group, "B", buffer, start, stop)), buffer.new_zeros((G, R, R)))
     return AAt, BtB

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nan_peft.gram import gram_inner_products, low_rank_svd, pad_rank, tail_energy, truncate_low_rank, wide_svd
+from nan_peft.gram import SYMMETRIC_MIN_ROWS, gram_inner_products, gram_of_pieces, low_rank_svd, pad_rank, tail_energy, truncate_low_rank, wide_svd
 
 
 def stacked(ranks, m, n, seed=0, batch=()):
@@ -72,6 +72,18 @@ def test_pad_rank_keeps_product():
     with pytest.raises(ValueError):
         pad_rank(B, A, 2)
 
+
+
+@pytest.mark.parametrize("R", [SYMMETRIC_MIN_ROWS - 1, SYMMETRIC_MIN_ROWS, 301])
+def test_gram_of_pieces_is_the_full_product_and_symmetric(R):
+    """Summed over pieces, on the upper triangle by row panels (R >= SYMMETRIC_MIN_ROWS, R = 301 leaving a short
+    last panel) or whole: X X^T to float64 rounding, exactly symmetric where mirrored."""
+    X = torch.randn(2, R, 90, generator=torch.Generator().manual_seed(R), dtype=torch.float64)
+    G = gram_of_pieces((X[..., i : i + 40] for i in range(0, 90, 40)), torch.zeros(2, R, R, dtype=torch.float64))
+    torch.testing.assert_close(G, X @ X.mT, rtol=1e-13, atol=1e-12)
+    if R >= SYMMETRIC_MIN_ROWS:
+        off = G - G.mT
+        assert float(off.abs().max()) < 1e-12  # the diagonal blocks come from one product each: symmetric to rounding
 
 @pytest.mark.parametrize("max_batch_bytes", [8, 8 * 5, 1])
 def test_tiny_batch_buffer_gives_the_same_numbers(max_batch_bytes):
