@@ -88,9 +88,14 @@ def merge_family(
     weighted = deltas if bool((c == 1).all()) else deltas * c  # x * 1.0 is x (KnOTS merges its blocks with weights 1)
     if not consensus:
         return scale * weighted.sum(0)
-    agree = (weighted.sign() == elect_sign(weighted, sign_method)) & (deltas != 0)
-    merged = (weighted * agree).sum(0)
+    elected = elect_sign(weighted, sign_method)
+    # c_k dW'_k agrees where its product with the elected sign is positive (entries sparsified to 0 never do), and
+    # there equals elected * |c_k dW'_k|: the agreeing entries sum to elected * sum_k max(c_k dW'_k * elected, 0),
+    # the same numbers as summing them where they agree, in fewer passes over the K updates
+    aligned = weighted * elected
+    merged = elected * aligned.clamp_min(0).sum(0)
     if normalize:
-        divisor = (c.abs() * agree).sum(0)
+        agree = aligned > 0
+        divisor = agree.sum(0, dtype=merged.dtype) if weighted is deltas else (c.abs() * agree).sum(0)
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return merged if scale == 1 else scale * merged
