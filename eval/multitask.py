@@ -41,9 +41,18 @@ RULES = {  # name: (method, options); options at the papers' defaults (only the 
     "tsv": ("tsv", {}),
     "wudi": ("wudi", {}),
     "knots_ties": ("knots_ties", {"density": 0.2}),
+    "knots_dare": ("knots_dare", {"density": 0.5, "seed": 0}),  # DARE's usual drop rate, as `dare` above
     "tsv + svc": ("tsv", {"calibrate": "svc"}),
+    # svc after every other rule it can follow (nan_peft.rules.CALIBRATED)
+    "task_arithmetic + svc": ("task_arithmetic", {"calibrate": "svc"}),
+    "wudi + svc": ("wudi", {"calibrate": "svc"}),
+    "knots_ties + svc": ("knots_ties", {"density": 0.2, "calibrate": "svc"}),
+    "knots_dare + svc": ("knots_dare", {"density": 0.5, "seed": 0, "calibrate": "svc"}),
 }
-SPECTRAL = ("iso_c", "iso_cts", "tsv", "wudi", "knots_ties", "tsv + svc")
+# the rules the auto scale's GAMMA was designed on (report_merges.design pools their validation sweeps)
+AUTO_DESIGN = ("iso_c", "iso_cts", "tsv", "wudi", "knots_ties", "tsv + svc")
+SPECTRAL = ("iso_c", "iso_cts", "tsv", "wudi", "knots_ties", "knots_dare", "tsv + svc", "task_arithmetic + svc", "wudi + svc",
+            "knots_ties + svc", "knots_dare + svc")
 COEFFICIENTS = ("uniform", "nan")
 
 
@@ -120,10 +129,9 @@ def score_all(setup, cache: Path, bert, data: dict, plan: dict, stage: str = "al
                     return {t: evaluate(bert, heads[t], *sets[split][t], setup.split) for t in (only or tasks)}
 
             cached = folder / "val-scores.json"
-            if cached.exists():
-                fixed = json.loads(cached.read_text())
-            else:
-                fixed = fixed_rows(setting, seed, tasks, data, plan, features, paths, score, rank, log)
+            fixed = json.loads(cached.read_text()) if cached.exists() else None
+            if fixed is None or any(f"{rule}/{c}" not in fixed["sweeps"] for rule in RULES for c in COEFFICIENTS):
+                fixed = fixed_rows(setting, seed, tasks, data, plan, features, paths, score, rank, log, fixed)
                 cached.write_text(json.dumps(fixed))
             rows += fixed["rows"]
             if stage == "all":
@@ -132,8 +140,11 @@ def score_all(setup, cache: Path, bert, data: dict, plan: dict, stage: str = "al
     return rows
 
 
-def fixed_rows(setting, seed, tasks, data, plan, features, paths, score, rank, log) -> dict:
-    """What needs no choice (probe, base, each adapter alone, on both splits) and every rule's validation sweep."""
+def fixed_rows(setting, seed, tasks, data, plan, features, paths, score, rank, log, cached: dict | None = None) -> dict:
+    """What needs no choice (probe, base, each adapter alone, on both splits) and every rule's validation sweep;
+    with `cached` (an earlier result of this function), only the sweeps of rules it lacks are added to it."""
+    if cached is not None:
+        return {**cached, **_sweeps(setting, seed, paths, score, rank, log, cached["alone"], cached["sweeps"], cached["rows"])}
     rows = []
     probe = {}
     for split in ("val", "test"):
@@ -156,9 +167,16 @@ def fixed_rows(setting, seed, tasks, data, plan, features, paths, score, rank, l
             scores = score(source, split)
             alone[split][t] = scores[t]["balanced"]
             rows.append(row(setting, seed, f"adapter {t} alone", "individual", split, scores, None, norms=norms))
-    sweeps = {}
+    return {"alone": alone, "norms": norms, **_sweeps(setting, seed, paths, score, rank, log, alone, {}, rows)}
+
+
+def _sweeps(setting, seed, paths, score, rank, log, alone, sweeps: dict, rows: list) -> dict:
+    """{"rows", "sweeps"}: `rows` and `sweeps` with the validation sweep of every rule x coefficients they lack."""
+    rows, sweeps = list(rows), dict(sweeps)
     for rule in RULES:
         for coefficients in COEFFICIENTS:
+            if f"{rule}/{coefficients}" in sweeps:
+                continue
             began = time.time()
             raw = merge(paths, rule, coefficients, rank, calibrate=False)
             reference, norm = reference_norm(raw.gram.module_norms, raw.coefficients.values), merged_norm(raw)
@@ -176,7 +194,7 @@ def fixed_rows(setting, seed, tasks, data, plan, features, paths, score, rank, l
                                                 "coefficients": raw.coefficients.values.mean(0).tolist()}
             log(f"{setting} seed {seed} {rule} {coefficients}: val sweep in {time.time() - began:.0f} s, best gamma "
                 f"{best_gamma(sweep)} ({max(r['mean_normalized'] for r in sweep.values()):.3f})")
-    return {"rows": rows, "alone": alone, "sweeps": sweeps, "norms": norms}
+    return {"rows": rows, "sweeps": sweeps}
 
 
 def test_rows(setting, seed, fixed, paths, score, rank) -> list[dict]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from nan_peft.scale import GAMMA
 
-from .multitask import GRID, RULES, SPECTRAL
+from .multitask import AUTO_DESIGN, GRID, RULES, SPECTRAL
 
 
 def _ms(values, scale: float = 100.0, signed: bool = False) -> str:
@@ -45,15 +45,15 @@ def val_curves(rows, setting: str) -> dict:
 
 
 def design(rows) -> dict:
-    """The auto rule's evidence: per gamma, the mean normalized validation accuracy of the spectral rules (both
-    coefficient kinds, every setting and seed), and each rule's own best gamma."""
+    """The auto rule's evidence: per gamma, the mean normalized validation accuracy of the rules it was designed on
+    (AUTO_DESIGN; both coefficient kinds, every setting and seed), and each rule's own best gamma."""
     pooled = defaultdict(list)
     best = {}
     for setting in dict.fromkeys(r["setting"] for r in rows):
         for key, curve in val_curves(rows, setting).items():
             means = {g: float(np.mean(v)) for g, v in curve.items()}
             best[f"{setting} {key}"] = max(means, key=means.get)
-            if key.split("/")[0] in SPECTRAL:
+            if key.split("/")[0] in AUTO_DESIGN:
                 for g, v in curve.items():
                     pooled[g] += v
     return {"pooled": {g: float(np.mean(v)) for g, v in sorted(pooled.items())}, "best": best}
@@ -141,7 +141,7 @@ def tables(results: dict) -> str:
         out.append("")
     d = design(rows)
     out += ["### The auto scale's design (validation only)", "",
-            "Mean normalized validation accuracy of the spectral rules (" + ", ".join(SPECTRAL) + "), uniform and NAN, every "
+            "Mean normalized validation accuracy of the rules GAMMA was designed on (" + ", ".join(AUTO_DESIGN) + "), uniform and NAN, every "
             "setting and seed, at each γ:", "", "| γ | " + " | ".join(f"{g:g}" for g in d["pooled"]) + " |",
             "|---|" + "---|" * len(d["pooled"]), "| mean normalized % | " + " | ".join(f"{100 * v:.1f}" for v in d["pooled"].values()) + " |",
             "", f"GAMMA in nan_peft/scale.py: {GAMMA:g}.", ""]

@@ -5,6 +5,7 @@ merges through nan_peft, scoring, tables) on a tiny random BERT with synthetic t
 the registry data. Needs only torch, transformers and peft (the plot test skips without matplotlib).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -67,16 +68,23 @@ def tiny_results(tmp_path_factory):
         val = lora_tasks.run(TINY, cache, stage="val", log=lambda message: None)
         first = lora_tasks.run(TINY, cache, log=lambda message: None)
         again = lora_tasks.run(TINY, cache, score_only=True, log=lambda message: None)
+        # a cache from before a rule was added: its validation sweeps are computed and added, the rest reused
+        for cached in cache.rglob("val-scores.json"):
+            fixed = json.loads(cached.read_text())
+            fixed["sweeps"] = {key: value for key, value in fixed["sweeps"].items() if not key.startswith("knots_dare + svc/")}
+            fixed["rows"] = [row for row in fixed["rows"] if row.get("rule") != "knots_dare + svc"]
+            cached.write_text(json.dumps(fixed))
+        added = lora_tasks.run(TINY, cache, score_only=True, log=lambda message: None)
     finally:
         torch.set_num_threads(threads)
-    return first, again, val
+    return first, again, val, added
 
 
 def test_lora_pipeline_runs_and_scores_every_model(tiny_results):
     from eval import multitask
     from nan_peft.scale import GAMMA
 
-    results, again, val = tiny_results
+    results, again, val, added = tiny_results
     rows = results["rows"]
     assert {r["setting"] for r in rows} == {"r4", "r8-all"}
     assert all(r["split"] == "val" or r["kind"] in ("reference", "individual") for r in val["rows"])
@@ -106,6 +114,10 @@ def test_lora_pipeline_runs_and_scores_every_model(tiny_results):
     assert volume["task_arithmetic/data volume/total1"]["coefficients"] == pytest.approx({"8": 1 / 7, "16": 2 / 7, "32": 4 / 7})
     # --score-only reuses the cached adapters and gives the same numbers
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in rows]
+    # a rule added to a cached run: its sweep is computed, every row as in the whole run
+    def keyed(rows):
+        return {(r["setting"], r["name"], r["kind"], r["split"], r.get("coefficients"), r.get("gamma")): r["accuracy"] for r in rows}
+    assert keyed(added["rows"]) == keyed(rows) and len(added["rows"]) == len(rows)
     for t, classes in zip("abc", (2, 3, 2)):
         base = results["test_baselines"][t]
         assert sum(base["counts"]) == TINY.test_size and len(base["counts"]) == classes
