@@ -328,7 +328,7 @@ def fold(params: Mapping) -> Case:
 
 def many(params: Mapping) -> Case:
     """K = params["count"] adapters of rank r on `layers` layers of every projection: update_gram, combine cat
-    (exact) and combine svd to `rank` (truncation auto: exact for small R, randomized for large), against reading
+    (exact; not on more than one layer) and combine svd to `rank` (truncation auto: exact for small R, randomized for large), against reading
     every tensor once, the float64 GEMM rate, and peft's add_weighted_adapter(svd) on one q_proj module (dense:
     about constant in K). The check compares each svd-truncated module's discarded norm with the optimum (the
     singular values of the exact merge) on `check_modules` modules."""
@@ -355,6 +355,8 @@ def many(params: Mapping) -> Case:
         f"nan-peft combine svd to rank {rank}": svd,
         "float64 GEMM rate probe": _gemm_probe(device, min(count * r, 1024)),
     }
+    if layers > 1:  # the whole model: what the merge target times (norms and svd), not cat
+        del contenders["nan-peft combine cat (exact)"]
     model = None
     if params.get("peft", False):
         model = peft_model(shape, r, count, ("q_proj",), 1, device)

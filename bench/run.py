@@ -87,6 +87,10 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
                                            # peft's svd holds all K dense deltas at once: 16 GiB at K = 256, more than this machine has
                                            "peft": not quick and count <= 64,
                                            "check_modules": 7 if count <= 64 else 1}})
+        if device == "cpu" and not quick:  # the target's own case: every layer in one process (10 GiB of adapters)
+            out["many"].append({"label": "llama-7b r=16, K=64 adapters, the whole model (32 layers x 7 modules), svd to rank 64",
+                                "case": "many", "params": {"shape": "llama-7b", "r": 16, "count": 64, "rank": 64, "layers": 32,
+                                                           "device": device, "repeat": 1, "peft": False, "check_modules": 1}})
     from .cases import SPECTRAL_RULES
 
     spectral_shape = "small" if quick else "llama-7b"
