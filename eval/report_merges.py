@@ -177,8 +177,9 @@ def plots(results: dict, folder: Path) -> list[Path]:
         ax.set_title(f"setting {setting}")
         low = min(np.mean(ta), *(r["mean_normalized"] * 100 for r in rows if r["setting"] == setting and r["split"] == "test" and "mean_normalized" in r))
         ax.set_ylim(max(0, low - 5), None)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=len(labels), frameon=False)  # above the bars, not on them
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     path = folder / "results-lora-spectral.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
