@@ -39,19 +39,21 @@ def inner_products_from_grams(AAt: torch.Tensor, BtB: torch.Tensor, ranks: Seque
 
 
 # A Gram X X^T of at least this many rows is summed on its upper triangle only, by row panels (a syrk by hand: torch
-# has none), and mirrored once at the end: 0.73x the time of the full product at R = 1024 and 0.62x at R = 4096 with
-# 4 panels (measured here, 2 cores, float64); below it one product costs less than the panels' launches.
+# has none), and mirrored once at the end. With 8 panels of at least 64 rows and pieces of 4096 columns: 0.76x the
+# time of the full product at R = 256, 0.65x at 1024, 0.59x at 4096 (measured here, 2 cores, float64; 4 panels:
+# 0.69x and 0.61x at 1024 and 4096); below it one product costs less than the panels' launches.
 SYMMETRIC_MIN_ROWS = 256
-SYMMETRIC_PANELS = 4
+SYMMETRIC_PANELS = 8
+SYMMETRIC_PANEL_ROWS = 64
 
 
 def gram_of_pieces(pieces: Iterable[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """The sum of X @ X^T over the pieces X (G, R, c), accumulated in `out` (G, R, R), which holds zeros: a Gram
     matrix summed over slices of its inner dimension. Where R >= SYMMETRIC_MIN_ROWS only the upper triangle is
-    computed (SYMMETRIC_PANELS row panels, about 5/8 of the products) and the blocks below the diagonal blocks are
-    copied from it. Each piece is consumed before the next is asked for (they may share a buffer)."""
+    computed (SYMMETRIC_PANELS row panels of at least SYMMETRIC_PANEL_ROWS rows: about 9/16 of the products) and the
+    blocks below the diagonal blocks are copied from it. Each piece is consumed before the next is asked for (they may share a buffer)."""
     R = out.shape[-1]
-    step = R if R < SYMMETRIC_MIN_ROWS else -(-R // SYMMETRIC_PANELS)
+    step = R if R < SYMMETRIC_MIN_ROWS else max(SYMMETRIC_PANEL_ROWS, -(-R // SYMMETRIC_PANELS))
     for X in pieces:
         for i in range(0, R, step):
             out[..., i : i + step, i:].baddbmm_(X[..., i : i + step, :], X[..., i:, :].mT)
