@@ -81,11 +81,9 @@ def update_gram(
     }
     inner = torch.zeros((len(modules), K, K), dtype=torch.float64)
     found = groups(terms)
-    tallest = max((group.rank for group in found), default=0)
-    piece_bytes = min(max(chunk_bytes(device), 8 * tallest * GRAM_COLUMNS), max_batch_bytes)
-    buffer = torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
+    buffer = gram_buffer(found, device, max_batch_bytes)
     for group in found:
-        step = modules_per_piece(group, 8, piece_bytes)
+        step = modules_per_piece(group, 8, buffer.numel() * 8)
         weights = group.weights(device=device)
         members = torch.tensor(group.members)
         for start in range(0, len(group.paths), step):
@@ -100,6 +98,15 @@ def update_gram(
         raise NanPeftError(f"the update of {adapters[k].name} at {modules[m]} has a non-finite norm (NaN, Inf or too large)")
     present = torch.tensor([[path in a.modules for a in adapters] for path in modules], dtype=torch.bool).reshape(len(modules), K)
     return UpdateGram(tuple(a.name for a in adapters), modules, inner, present)
+
+
+def gram_buffer(found: Sequence[Group], device: torch.device | str, max_batch_bytes: int) -> torch.Tensor:
+    """The float64 buffer that stacked_chunks converts the stacks of these groups into for factor_grams: cache-sized,
+    or GRAM_COLUMNS columns of the tallest stacks, at most max_batch_bytes. update_gram and the exact truncation
+    (truncation.truncate_groups) size it alike, so both sum the same Grams in the same order."""
+    tallest = max((group.rank for group in found), default=0)
+    piece_bytes = min(max(chunk_bytes(device), 8 * tallest * GRAM_COLUMNS), max_batch_bytes)
+    return torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
 
 
 def factor_grams(group: Group, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,9 @@ from typing import NamedTuple
 
 import torch
 
-from .batching import Group, chunk_bytes, groups, modules_per_piece, stack_terms, stacked_chunks
+from .batching import Group, groups, modules_per_piece, stack_terms, stacked_chunks
 from .gram import canonical_signs, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
-from .norms import factor_grams
+from .norms import factor_grams, gram_buffer
 from .sketch import factored, randomized_svd, seeded_gaussians
 
 # How svd truncates a module (the `truncation` option): "exact" is the optimum (Eckart-Young), "randomized" a block
@@ -89,15 +89,15 @@ def truncate_groups(terms, rank, device, dtype, max_batch_bytes, merged_norms, s
     """Truncate every module's cat form to `rank`, a group of same-shaped modules at a time, by the path
     truncation_path picks for the group (merged_norms: a callable giving {path: exact merged norm}, from the Grams, for
     the randomized path). The exact path works from the Gram matrices of the stacked factors
-    (gram.truncation_from_grams): two passes over the factors, converted to float64 a cache-sized piece at a
-    time, no QR of the tall stacks, and the small R x R algebra batched over a whole group of same-shaped
-    modules. Modules whose Grams are too ill-conditioned for that (rank-deficient stacks: the same adapter
+    (gram.truncation_from_grams): two passes over the factors, converted to float64 a piece at a time (pieces as
+    update_gram's, norms.gram_buffer), no QR of the tall stacks, and the small R x R algebra batched over a whole group
+    of same-shaped modules. Modules whose Grams are too ill-conditioned for that (rank-deficient stacks: the same adapter
     twice) are truncated by QR of their stacks (gram.truncate_low_rank)."""
     truncated = {}
-    piece_bytes = min(chunk_bytes(device), max_batch_bytes)
-    buffer = torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
+    found = groups(terms)
+    buffer = gram_buffer(found, device, max_batch_bytes)
     exact_norms = None
-    for group in groups(terms):
+    for group in found:
         how = truncation_path(group.m, group.n, group.rank, rank, sketch["truncation"], sketch["oversample"], sketch["power_iterations"])
         if how != "gram":
             if how == "randomized" and exact_norms is None:
