@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +103,7 @@ def combine(
     oversample: int = DEFAULT_OVERSAMPLE,
     power_iterations: int = DEFAULT_POWER_ITERATIONS,
     sketch_seed: int = DEFAULT_SKETCH_SEED,
+    on_grams: Callable | None = None,
 ) -> tuple[dict[str, LoraModule], list[ModuleReport]]:
     """Merge the weighted updates c_k s_k B_k A_k of every module with `rule` into factors (B, A), scale 1.
 
@@ -122,6 +123,11 @@ def combine(
     Whatever the path, the discarded norm is exact: on the randomized path ||dW - dW_r||^2 = ||dW||^2
     - 2 <dW, dW_r> + ||dW_r||^2 in float64, ||dW|| from `gram` (the Grams) and the rest from products with the
     rank-`rank` result (_discarded). ModuleReport.truncation records the path.
+
+    on_grams (svd of task arithmetic only) receives every module's unweighted factor Grams from svd's own pass
+    (truncation.truncate_groups), so that the caller sums the adapters' inner products (norms.InnerProducts) without a
+    second pass over the factors; `gram` may then be None (the exact norms come from those Grams), and every adapter
+    present at a module must have a non-zero coefficient there (the Grams are of the adapters merged).
     """
     method = method or default_combine(rule)
     if truncation not in TRUNCATIONS:
@@ -139,6 +145,8 @@ def combine(
     if rank is not None and rank > max(largest, MAX_PADDED_RANK):
         raise NanPeftError(f"rank {rank} is out of range: no merged module can have a rank above {largest}, and padding stops at {MAX_PADDED_RANK}")
     params, seed = rule_options(rule, options or {})
+    if on_grams is not None and (method != "svd" or rule not in LOW_RANK or in_core_space(rule, params)):
+        raise NanPeftError("on_grams serves the svd of task arithmetic only")
     if in_core_space(rule, params):
         return _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype)
     if rule not in LOW_RANK:
@@ -151,7 +159,7 @@ def combine(
     if method == "cat":
         return _cat(terms, norms(), rank, dtype)
     sketch = {"truncation": truncation, "oversample": oversample, "power_iterations": power_iterations, "seed": sketch_seed}
-    truncated = truncate_groups(terms, rank, device, dtype, max_batch_bytes, norms, sketch)
+    truncated = truncate_groups(terms, rank, device, dtype, max_batch_bytes, norms, sketch, on_grams)
     paths = sorted(truncated)
     modules = {path: _like(terms[path][0][1], truncated[path].A, truncated[path].B, path) for path in paths}
     return modules, [ModuleReport(path, *truncated[path][2:]) for path in paths]

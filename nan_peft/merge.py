@@ -16,7 +16,8 @@ from .combination import combine as combine_updates
 from .errors import NanPeftError
 from .fold import fold_into
 from .lora import LoraAdapter
-from .norms import UpdateGram, update_gram
+from .norms import InnerProducts, UpdateGram, update_gram, update_norms
+from .rules import LOW_RANK
 from .reader import read_adapters
 from .scale import AUTO, auto_scale
 from .spec import HEADS as spec_heads
@@ -180,11 +181,21 @@ def merge_adapters(
 
 def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResult:
     """The merge of adapters already read and checked together (reader.read_adapters), as `spec` says:
-    norms -> coefficients -> combine. merge_adapters is read_adapters followed by this."""
+    norms -> coefficients -> combine. merge_adapters is read_adapters followed by this. An svd of task arithmetic
+    takes the coefficients from each adapter's own norms (norms.update_norms) and sums every module's R x R Grams
+    once, for its truncation and for the inner products of the result's gram (whose diagonal is those norms)."""
     device = torch.device(spec.device)
+    dtype = getattr(torch, spec.dtype) if spec.dtype else _common_dtype(sources)
+    if _one_pass(spec):  # the coefficients from the norms alone, then one pass of Grams for the merge and the inner products
+        norms = update_norms(sources, device)
+        coeffs = coefficients_for(spec.coefficients, norms, **spec.provider_given)
+        if bool((coeffs.values != 0)[norms.present].all()):
+            inner = InnerProducts(sources)
+            modules, report = combine_updates(sources, coeffs, None, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given,
+                                              **spec.truncation_given, on_grams=inner.add)
+            return _result(sources, coeffs, inner.result(norms), modules, report, spec.record_options(coeffs.granularity, dtype), spec)
     gram = update_gram(sources, device)
     coeffs = coefficients_for(spec.coefficients, gram, **spec.provider_given)
-    dtype = getattr(torch, spec.dtype) if spec.dtype else _common_dtype(sources)
     options = spec.record_options(coeffs.granularity, dtype)
     if spec.scale == AUTO:  # the rule once at scale 1, uncalibrated, to measure it (nan_peft.scale)
         measured = replace(spec, scale=None, calibrate=None)
@@ -195,6 +206,16 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
     modules, report = combine_updates(
         sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given, **spec.truncation_given
     )
+    return _result(sources, coeffs, gram, modules, report, options, spec)
+
+
+def _one_pass(spec: MergeSpec) -> bool:
+    """Whether the merge sums each module's Grams once for both the truncation and the inner products: svd of task
+    arithmetic (the rule on the factors, no calibration) at a given scale (--scale auto measures the rule first)."""
+    return spec.combine == "svd" and spec.method in LOW_RANK and not spec.calibrate and spec.scale != AUTO
+
+
+def _result(sources, coeffs, gram, modules, report, options, spec) -> MergeResult:
     if not modules:
         raise NanPeftError("every coefficient is zero: the merged update is empty")
     extras = {key: tensor for source in sources for key, tensor in source.extras.items()}  # equal across sources

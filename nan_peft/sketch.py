@@ -134,6 +134,60 @@ def orthonormal_basis(Y: torch.Tensor, before: torch.Tensor | None = None, passe
     return Q
 
 
+def randomized_from_grams(
+    AAt: torch.Tensor, BtB: torch.Tensor, weights: torch.Tensor, omega: torch.Tensor, rank: int, power_iterations: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """randomized_svd's block Krylov truncation of M = B diag(w) A from the Grams of its factors alone: AAt = A A^T,
+    BtB = B^T B (..., R, R, float64, unweighted), w = weights (..., R). Returns (Pb (..., R, k), S (..., c), Pa
+    (..., k, R), ok (...)): B Pb and Pa A are split_singular's factors of the rank-k result (k = min(rank, c)), S the
+    singular values of Q^T M, largest first; where ok is False (a block the Grams cannot orthonormalise: B of lower
+    rank than R, or too ill-conditioned) the module's numbers are not to be used.
+
+    Every m-vector of the Krylov space lies in the range of B, so it is kept as its coefficients z (y = B z), and
+    the metric of the m-space is <B z, B z'> = z^T BtB z'. M M^T B z = B (W AAt W BtB z), W = diag(w), so a block
+    costs products of R x R Grams with l columns, nothing of size m or n: the start block is the coefficients of
+    M (A^T W Omega) (Omega (..., R, l) Gaussian: a start in A's row space), each block is orthonormalised in the
+    metric against the earlier ones (classical Gram-Schmidt twice, Cholesky QR of the l x l metric Gram as
+    orthonormal_basis does), and the next is M M^T applied to it. With Z (R x c) the basis coefficients, Q = B Z,
+    C^T = M^T Q = A^T (W BtB Z) and C C^T = (W BtB Z)^T AAt (W BtB Z); its top-k eigenvectors V_k and values S_k^2
+    give L = B (Z V_k) and Rt = S_k^-1 V_k^T (W BtB Z)^T A, as randomized_svd's Rayleigh-Ritz step does. The same
+    Krylov space as randomized_svd on the factors (another start block) at O((q + 1) R^2 l) instead of
+    O((q + 1) (m + n) R l): the better choice where the Grams are summed anyway (combine's exact path and norms)."""
+    w = weights.to(AAt.dtype).unsqueeze(-1)
+    l = omega.shape[-1]
+    width = (power_iterations + 1) * l
+    Z = AAt.new_empty((*AAt.shape[:-1], width))
+    GZ = torch.empty_like(Z)  # BtB Z
+    AWGZ = torch.empty_like(Z)  # AAt W BtB Z: each block's product feeds the next block and C C^T
+    ok = torch.ones(AAt.shape[:-2], dtype=torch.bool, device=AAt.device)
+    z = w * (AAt @ (w * omega.to(AAt.dtype)))
+    for step in range(power_iterations + 1):
+        used = step * l
+        Gz = BtB @ z
+        for _ in range(2):
+            if used:  # z - Z (Z^T BtB z), and BtB of it from the basis' own BtB Z: no second R x R product
+                coefficients = GZ[..., :used].mT @ z
+                z = torch.baddbmm(z, Z[..., :used], coefficients, alpha=-1) if z.dim() == 3 else z - Z[..., :used] @ coefficients
+                Gz = torch.baddbmm(Gz, GZ[..., :used], coefficients, alpha=-1) if z.dim() == 3 else Gz - GZ[..., :used] @ coefficients
+            _, fine, scale, inverse = scaled_cholesky(z.mT @ Gz, CHOLESKY_QR_CONDITION)
+            ok &= fine
+            step_inverse = scale * inverse.mT
+            z, Gz = z @ step_inverse, Gz @ step_inverse
+        Z[..., used : used + l], GZ[..., used : used + l] = z, Gz
+        AWGZ[..., used : used + l] = AAt @ (w * Gz)
+        z = w * AWGZ[..., used : used + l]
+    WGZ = w * GZ
+    values, V = torch.linalg.eigh(WGZ.mT @ AWGZ)  # ascending
+    values, V = values.flip(-1), V.flip(-1)
+    S = values.clamp_min(0).sqrt()
+    k = min(rank, S.shape[-1])
+    Vk, Sk = V[..., :k], S[..., :k]
+    root = Sk.sqrt()
+    Pb = Z @ Vk * root.unsqueeze(-2)
+    Pa = (WGZ @ Vk).mT / torch.where(Sk > 0, root, 1.0).unsqueeze(-1) * (Sk > 0).unsqueeze(-1)
+    return Pb, S, Pa, ok
+
+
 def factored(B: torch.Tensor, A: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[Apply, Apply]:
     """(apply, apply_t) of M = B diag(weights) A for whole factors B (..., m, R) and A (..., R, n) and the weight of
     each of the R columns of B (rows of A), (..., R) or None for all 1: M X = B (w * (A X)), never B A. With the

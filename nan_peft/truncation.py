@@ -13,7 +13,7 @@ import torch
 from .batching import Group, groups, modules_per_piece, stack_terms, stacked_chunks
 from .gram import canonical_signs, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
 from .norms import factor_grams, gram_buffer
-from .sketch import factored, randomized_svd, seeded_gaussians
+from .sketch import factored, randomized_from_grams, randomized_svd, seeded_gaussians
 
 # How svd truncates a module (the `truncation` option): "exact" is the optimum (Eckart-Young), "randomized" a block
 # Krylov range finder (sketch.py) within a measured 1e-3 of it, "auto" picks by cost (truncation_path).
@@ -45,6 +45,8 @@ RANDOMIZED_SAVING = 2.0
 # (2 (q + 1) products, as many orthonormalisations and an eigenproblem, each a kernel launch or several), and
 # the exact path batches a whole group: auto keeps it exact there whatever the model says.
 MIN_RANDOMIZED_RANK = 256
+# krylov_from_grams: the randomized path runs from the Grams up to R = this share of m + n (see there).
+GRAM_KRYLOV_SHARE = 0.25
 
 
 class Truncated(NamedTuple):
@@ -85,41 +87,68 @@ def truncation_path(
     return "randomized" if cost > RANDOMIZED_SAVING * randomized else exact
 
 
-def truncate_groups(terms, rank, device, dtype, max_batch_bytes, merged_norms, sketch) -> dict[str, Truncated]:
+def truncate_groups(terms, rank, device, dtype, max_batch_bytes, merged_norms, sketch, on_grams=None) -> dict[str, Truncated]:
     """Truncate every module's cat form to `rank`, a group of same-shaped modules at a time, by the path
     truncation_path picks for the group (merged_norms: a callable giving {path: exact merged norm}, from the Grams, for
-    the randomized path). The exact path works from the Gram matrices of the stacked factors
+    the randomized path on the factors). The exact path works from the Gram matrices of the stacked factors
     (gram.truncation_from_grams): two passes over the factors, converted to float64 a piece at a time (pieces as
     update_gram's, norms.gram_buffer), no QR of the tall stacks, and the small R x R algebra batched over a whole group
-    of same-shaped modules. Modules whose Grams are too ill-conditioned for that (rank-deficient stacks: the same adapter
-    twice) are truncated by QR of their stacks (gram.truncate_low_rank)."""
+    of same-shaped modules. The randomized path runs from the same Grams (sketch.randomized_from_grams) where
+    krylov_from_grams says so, else on the factored stacks (_truncate_stacked). Modules whose Grams are too
+    ill-conditioned for that (rank-deficient stacks: the same adapter twice) are truncated by QR of their stacks
+    (gram.truncate_low_rank). on_grams(group, start, stop, AAt, BtB), where given, receives every module's unweighted
+    factor Grams (norms.factor_grams), summed once for the truncation and the caller (norms.InnerProducts); groups
+    whose path needs none have them summed for it, and their exact norms then come from them, not merged_norms."""
     truncated = {}
     found = groups(terms)
     buffer = gram_buffer(found, device, max_batch_bytes)
     exact_norms = None
     for group in found:
         how = truncation_path(group.m, group.n, group.rank, rank, sketch["truncation"], sketch["oversample"], sketch["power_iterations"])
-        if how != "gram":
-            if how == "randomized" and exact_norms is None:
+        if how == "dense" or (how == "randomized" and not krylov_from_grams(group.m, group.n, group.rank, rank, sketch)):
+            if on_grams is not None:
+                exact_norms = _grams_for(group, buffer, on_grams)
+            elif how == "randomized" and exact_norms is None:
                 exact_norms = merged_norms()
             outputs = _truncate_stacked(group, rank, dtype, device, max_batch_bytes, how, sketch, exact_norms, buffer)
             for g, (B_r, A_r, norm, discarded, kept) in enumerate(outputs):
                 truncated[group.paths[g]] = Truncated(B_r, A_r, group.rank, kept, norm, discarded, how)
             continue
-        B, A, S = _truncate_group(group, rank, dtype, buffer)
-        qr = set()
-        for g in (~torch.isfinite(S).all(-1)).nonzero().flatten().tolist():  # marked ill-conditioned: QR
-            path = group.paths[g]
-            A_full, B_full = stack_terms([terms[path]], group.ranks, group.n, group.m, device, torch.float64)
-            B_qr, A_qr, singular = (x[0] for x in truncate_low_rank(B_full, A_full, rank))
-            B[g], A[g] = B_qr.to("cpu", dtype), A_qr.to("cpu", dtype)
-            qr.add(g)
-            S[g] = torch.nn.functional.pad(singular.cpu(), (0, S.shape[-1] - singular.shape[-1]))
-        norms, discarded = S.square().sum(-1).sqrt().tolist(), tail_energy(S, rank).tolist()
-        kept = (S[:, :rank] > 0).sum(-1).tolist()
+        B, A, norms, discarded, kept, ok = _truncate_group(group, rank, dtype, buffer, max_batch_bytes, sketch if how == "randomized" else None, on_grams)
         for g, path in enumerate(group.paths):
-            truncated[path] = Truncated(B[g], A[g], group.rank, kept[g], norms[g], discarded[g], "qr" if g in qr else "gram")
+            if ok[g]:
+                truncated[path] = Truncated(B[g], A[g], group.rank, kept[g], norms[g], discarded[g], how)
+                continue
+            A_full, B_full = stack_terms([terms[path]], group.ranks, group.n, group.m, device, torch.float64)  # ill-conditioned: QR
+            B_qr, A_qr, singular = (x[0] for x in truncate_low_rank(B_full, A_full, rank))
+            norm, tail = float(singular.square().sum().sqrt()), float(tail_energy(singular, rank))
+            truncated[path] = Truncated(B_qr.to("cpu", dtype), A_qr.to("cpu", dtype), group.rank, int((singular[:rank] > 0).sum()), norm, tail, "qr")
     return truncated
+
+
+def _grams_for(group: Group, buffer: torch.Tensor, on_grams) -> dict[str, float]:
+    """Sum the group's factor Grams piece by piece for on_grams; return each module's exact merged norm from them,
+    ||B diag(w) A||_F^2 = sum((W B^T B W) * A A^T) (the group's weights)."""
+    norms = {}
+    step = modules_per_piece(group, 8, buffer.numel() * 8)
+    weights = group.weights(device=buffer.device)
+    for start in range(0, len(group.paths), step):
+        AAt, BtB = factor_grams(group, buffer, start, start + step)
+        on_grams(group, start, start + step, AAt, BtB)
+        w = weights[start : start + step]
+        squared = (BtB * (w.unsqueeze(-1) * w.unsqueeze(-2)) * AAt).sum((-2, -1)).clamp_min(0).sqrt().tolist()
+        norms.update(zip(group.paths[start : start + step], squared))
+    return norms
+
+
+def krylov_from_grams(m: int, n: int, R: int, rank: int, sketch: dict) -> bool:
+    """Whether a randomized truncation of an (m x n) module with stacks of rank R runs from the R x R Grams
+    (sketch.randomized_from_grams: the Grams, 2 (m + n) R^2 flops, then O(q R^2 l) work) rather than on the factored
+    stacks (sketch.randomized_svd: 4 (q + 1) (m + n) R l flops of products plus orthogonalisations of m- or n-long
+    blocks): where its Krylov space leaves room in R (fewer columns than R rows) and R stays below
+    GRAM_KRYLOV_SHARE of m + n (measured below)."""
+    columns = (sketch["power_iterations"] + 1) * (rank + sketch["oversample"])
+    return columns < R < min(m, n) and R <= GRAM_KRYLOV_SHARE * (m + n)
 
 
 def _truncate_stacked(group: Group, rank: int, dtype: torch.dtype, device, max_batch_bytes: int, how: str, sketch: dict,
@@ -213,39 +242,89 @@ def _float64_pieces(stack: torch.Tensor, dim: int, buffer: torch.Tensor):
         yield slice(begin, begin + step), buffer[: part.numel()].view(part.shape).copy_(part)
 
 
-def _truncate_group(group: Group, rank: int, dtype: torch.dtype, buffer: torch.Tensor):
-    """(B_r (G, m, rank), A_r (G, rank, n)) in `dtype` on the CPU and S (G, R) float64 for every module of the
-    group, by truncation_from_grams; S is NaN where that was not accurate enough (the caller uses QR there).
+def _truncate_group(group: Group, rank: int, dtype: torch.dtype, buffer: torch.Tensor, max_batch_bytes: int,
+                    sketch: dict | None = None, on_grams=None):
+    """(B_r (G, m, rank), A_r (G, rank, n)) in `dtype` on the CPU, with each module's norm, discarded norm, kept rank
+    and whether it could be used (lists of G): exactly by truncation_from_grams, or with `sketch` by
+    randomized_from_grams (its norm and discarded norm from the Grams, _discarded_from_grams); where not usable
+    (ill-conditioned) the caller uses QR.
 
-    Pass 1 sums the Grams piece by piece; the R x R algebra runs once for the group; pass 2 forms
-    B_r = B Pb piece by piece and picks canonical signs (gram.canonical_signs: the largest entry of each
-    column of B_r positive) as it goes; pass 3 forms A_r = Pa A with those signs."""
-    G, m, n = len(group.paths), group.m, group.n
+    A batch of modules at a time (as many as ALGEBRA_COPIES R x R matrices of each fit in max_batch_bytes: the whole
+    group where R is small, one or two modules at R = 1024): pass 1 sums their Grams piece by piece; the R x R algebra
+    runs once for the batch; pass 2 forms B_r = B Pb piece by piece and picks canonical signs (gram.canonical_signs:
+    the largest entry of each column of B_r positive) as it goes; pass 3 forms A_r = Pa A with those signs."""
+    G, R, m, n = len(group.paths), group.rank, group.m, group.n
     step = modules_per_piece(group, buffer.element_size(), buffer.numel() * buffer.element_size())
-    starts = range(0, G, step)
-    grams = [factor_grams(group, buffer, start, start + step) for start in starts]
-    weights = group.weights(device=buffer.device)  # B = [w_1 B_1 | ...]: scale B^T B, then Pb's rows
-    BtB = torch.cat([BtB for _, BtB in grams]) * weights.unsqueeze(-1) * weights.unsqueeze(-2)
-    Pb, Pa, S, ok = truncation_from_grams(torch.cat([AAt for AAt, _ in grams]), BtB, rank)
-    Pb = Pb * weights.unsqueeze(-1)
-    k = Pb.shape[-1]
+    batch = max(1, max_batch_bytes // (ALGEBRA_COPIES * 8 * R * R) // step) * step
+    k = min(rank, R if sketch is None else (sketch["power_iterations"] + 1) * min(rank + sketch["oversample"], R))
     allocate = torch.zeros if k < rank else torch.empty
     B, A = allocate((G, m, rank), dtype=dtype), allocate((G, rank, n), dtype=dtype)
-    largest = buffer.new_full((G, k), -1.0)
-    sign = buffer.new_ones((G, k))
-    for start in starts:
-        stop = start + step
+    weights = group.weights(device=buffer.device)  # B = [w_1 B_1 | ...]: scale B^T B, then Pb's rows
+    results = []
+    for first in range(0, G, batch):
+        last = min(G, first + batch)
+        starts = range(first, last, step)
+        grams = [factor_grams(group, buffer, start, min(last, start + step)) for start in starts]
+        if on_grams is not None:
+            for start, (AAt, BtB) in zip(starts, grams):
+                on_grams(group, start, min(last, start + step), AAt, BtB)
+        AAt, BtB = torch.cat([AAt for AAt, _ in grams]), torch.cat([BtB for _, BtB in grams])
+        del grams
+        w = weights[first:last]
+        if sketch is None:
+            Pb, Pa, S, ok = truncation_from_grams(AAt, BtB * w.unsqueeze(-1) * w.unsqueeze(-2), rank)
+            Pb = Pb * w.unsqueeze(-1)
+            norms, discarded = S.square().sum(-1).sqrt(), tail_energy(S, rank)
+        else:
+            omega = seeded_gaussians(group.paths[first:last], R, min(rank + sketch["oversample"], R), sketch["seed"], torch.float64, buffer.device)
+            Pb, S, Pa, ok = randomized_from_grams(AAt, BtB, w, omega, rank, sketch["power_iterations"])
+            norms, discarded = _discarded_from_grams(AAt, BtB, w, Pb, Pa)
+        del AAt, BtB
+        _factors(group, first, last, step, Pb, Pa, buffer, B, A)
+        results.append((norms, discarded, (S[:, :rank] > 0).sum(-1), ok))
+    norms, discarded, kept, ok = (torch.cat(parts).tolist() for parts in zip(*results))
+    return B, A, norms, discarded, kept, ok
+
+
+# _truncate_group runs the R x R algebra of as many modules at once as hold this many R x R float64 matrices each
+# (the Grams, their scaled and weighted copies, Cholesky factors and inverses, the core and its SVD) in max_batch_bytes.
+ALGEBRA_COPIES = 16
+
+
+def _factors(group: Group, first: int, last: int, step: int, Pb: torch.Tensor, Pa: torch.Tensor, buffer: torch.Tensor,
+             B: torch.Tensor, A: torch.Tensor) -> None:
+    """B[first:last] = B_r = B Pb and A[first:last] = A_r = Pa A for modules group.paths[first:last], the stacks read
+    piece by piece (pass 2, which also picks canonical signs: the largest entry of each column of B_r positive, and
+    pass 3, with those signs)."""
+    k = Pb.shape[-1]
+    largest = buffer.new_full((last - first, k), -1.0)
+    sign = buffer.new_ones((last - first, k))
+    for start in range(first, last, step):
+        stop, rows_of = min(last, start + step), slice(start - first, min(last, start + step) - first)
         for rows, piece in stacked_chunks(group, "B", buffer, start, stop):
-            product = torch.bmm(piece, Pb[start:stop])
+            product = torch.bmm(piece, Pb[rows_of])
             size, where = product.abs().max(dim=-2)
-            better = size > largest[start:stop]
-            largest[start:stop] = torch.where(better, size, largest[start:stop])
+            better = size > largest[rows_of]
+            largest[rows_of] = torch.where(better, size, largest[rows_of])
             found = torch.gather(product, -2, where.unsqueeze(-2)).squeeze(-2)
-            sign[start:stop] = torch.where(better, torch.where(found < 0, -1.0, 1.0), sign[start:stop])
+            sign[rows_of] = torch.where(better, torch.where(found < 0, -1.0, 1.0), sign[rows_of])
             B[start:stop, rows, :k] = product
-    B[..., :k] *= sign.unsqueeze(-2).to("cpu", dtype)
+    B[first:last, :, :k] *= sign.unsqueeze(-2).to("cpu", B.dtype)
     Pa = Pa * sign.unsqueeze(-1)
-    for start in starts:
-        for columns, piece in stacked_chunks(group, "A", buffer, start, start + step):
-            A[start : start + step, :k, columns] = torch.bmm(Pa[start : start + step], piece)
-    return B, A, torch.where(ok.unsqueeze(-1), S, torch.nan).cpu()
+    for start in range(first, last, step):
+        stop = min(last, start + step)
+        for columns, piece in stacked_chunks(group, "A", buffer, start, stop):
+            A[start:stop, :k, columns] = torch.bmm(Pa[start - first : stop - first], piece)
+
+
+def _discarded_from_grams(AAt: torch.Tensor, BtB: torch.Tensor, weights: torch.Tensor, Pb: torch.Tensor, Pa: torch.Tensor):
+    """(||dW||_F, ||dW - dW_r||_F) per module, dW = B diag(w) A and dW_r = (B Pb)(Pa A), from the Grams AAt = A A^T,
+    BtB = B^T B (float64) alone: ||dW||^2 = sum((W BtB W) * AAt), <dW, dW_r> = tr(W BtB Pb Pa AAt) =
+    sum((W BtB Pb) * (AAt Pa^T)), ||dW_r||^2 = sum((Pb^T BtB Pb) * (Pa AAt Pa^T)). Exact for the factors returned,
+    rounding error about 2.2e-16 ||dW||^2 in the square, as _discarded's."""
+    w = weights.to(AAt.dtype)
+    squared = (BtB * (w.unsqueeze(-1) * w.unsqueeze(-2)) * AAt).sum((-2, -1))
+    BPb, APa = BtB @ Pb, AAt @ Pa.mT
+    cross = ((w.unsqueeze(-1) * BPb) * APa).sum((-2, -1))
+    kept = ((Pb.mT @ BPb) * (Pa @ APa)).sum((-2, -1))
+    return squared.clamp_min(0).sqrt(), (squared - 2 * cross + kept).clamp_min(0).sqrt()
