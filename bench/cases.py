@@ -328,7 +328,9 @@ def fold(params: Mapping) -> Case:
 
 def many(params: Mapping) -> Case:
     """K = params["count"] adapters of rank r on `layers` layers of every projection: update_gram, combine cat
-    (exact; not on more than one layer) and combine svd to `rank` (truncation auto: exact for small R, randomized for large), against reading
+    (exact), combine svd to `rank` (truncation auto: exact for small R, randomized for large; the Grams summed again)
+    and merge_sources' svd (what a merge runs: each adapter's norms, then one pass of Grams for the truncation and the
+    inner products; on more than one layer, alone), against reading
     every tensor once, the float64 GEMM rate, and peft's add_weighted_adapter(svd) on one q_proj module (dense:
     about constant in K). The check compares each svd-truncated module's discarded norm with the optimum (the
     singular values of the exact merge) on `check_modules` modules."""
@@ -336,27 +338,35 @@ def many(params: Mapping) -> Case:
     projections, layers, rank = tuple(params.get("projections", PROJECTIONS)), params.get("layers", 1), params["rank"]
     from nan_peft.coefficients import coefficients_for
     from nan_peft.combination import combine as combine_updates
+    from nan_peft.merge import merge_sources
+    from nan_peft.norms import update_gram, update_norms
+    from nan_peft.spec import MergeSpec
     from nan_peft.truncation import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, truncation_path
-    from nan_peft.norms import update_gram
 
     adapters = lora_adapters(shape, r, count, projections, layers, device=device)
     tensors = [t for a in adapters for m in a.modules.values() for t in (m.A, m.B)]
-    gram = update_gram(adapters, device)
-    coefficients = coefficients_for("nan", gram)
+    gram = update_gram(adapters, device) if layers == 1 else None  # the whole model: only the one-pass merge is timed
+    coefficients = coefficients_for("nan", gram or update_norms(adapters, device))
     results = {}
 
     def svd():
         results["svd"] = combine_updates(adapters, coefficients, gram, "svd", rank, device)
+
+    def one_pass():
+        result = merge_sources(adapters, MergeSpec(combine="svd", rank=rank, device=str(device)))
+        results["svd"] = result.adapter.modules, result.report
 
     contenders = {
         "read floor (sum of every tensor)": lambda: [t.sum() for t in tensors],
         "nan-peft update_gram (norms)": lambda: update_gram(adapters, device),
         "nan-peft combine cat (exact)": lambda: combine_updates(adapters, coefficients, gram, "cat", None, device),
         f"nan-peft combine svd to rank {rank}": svd,
+        f"nan-peft merge_sources svd to rank {rank} (norms, then one pass of Grams)": one_pass,
         "float64 GEMM rate probe": _gemm_probe(device, min(count * r, 1024)),
     }
-    if layers > 1:  # the whole model: what the merge target times (norms and svd), not cat
-        del contenders["nan-peft combine cat (exact)"]
+    if layers > 1:  # the whole model: the merge a user runs (merge_sources), not its steps apart
+        for name in ("nan-peft update_gram (norms)", "nan-peft combine cat (exact)", f"nan-peft combine svd to rank {rank}"):
+            del contenders[name]
     model = None
     if params.get("peft", False):
         model = peft_model(shape, r, count, ("q_proj",), 1, device)
@@ -380,7 +390,7 @@ def many(params: Mapping) -> Case:
         from nan_peft.combination import stacked_factors, weighted_terms
 
         if "svd" not in results:
-            svd()
+            (svd if layers == 1 else one_pass)()
         _, report = results["svd"]
         report = {x.module: x for x in report}
         terms = weighted_terms(adapters, coefficients)

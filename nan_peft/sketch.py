@@ -153,7 +153,14 @@ def randomized_from_grams(
     give L = B (Z V_k) and Rt = S_k^-1 V_k^T (W BtB Z)^T A, as randomized_svd's Rayleigh-Ritz step does. The same
     Krylov space as randomized_svd on the factors (another start block) at O((q + 1) R^2 l) instead of
     O((q + 1) (m + n) R l): the better choice where the Grams are summed anyway (combine's exact path and norms)."""
-    w = weights.to(AAt.dtype).unsqueeze(-1)
+    # Jacobi scaling, as scaled_cholesky's: M = (B Db)(Db^-1 W Da)(Da^-1 A) with Db, Da the column norms of B and the
+    # row norms of A, so that columns of very different sizes (a decaying spectrum, adapters of different scales) do not
+    # make the metric ill-conditioned
+    b, a = (g.diagonal(dim1=-2, dim2=-1).sqrt() for g in (BtB, AAt))
+    b, a = torch.where(b > 0, b, 1.0), torch.where(a > 0, a, 1.0)
+    BtB = BtB / (b.unsqueeze(-1) * b.unsqueeze(-2))
+    AAt = AAt / (a.unsqueeze(-1) * a.unsqueeze(-2))
+    w = (weights.to(AAt.dtype) * b * a).unsqueeze(-1)
     l = omega.shape[-1]
     width = (power_iterations + 1) * l
     Z = AAt.new_empty((*AAt.shape[:-1], width))
@@ -183,8 +190,8 @@ def randomized_from_grams(
     k = min(rank, S.shape[-1])
     Vk, Sk = V[..., :k], S[..., :k]
     root = Sk.sqrt()
-    Pb = Z @ Vk * root.unsqueeze(-2)
-    Pa = (WGZ @ Vk).mT / torch.where(Sk > 0, root, 1.0).unsqueeze(-1) * (Sk > 0).unsqueeze(-1)
+    Pb = Z @ Vk * root.unsqueeze(-2) / b.unsqueeze(-1)
+    Pa = (WGZ @ Vk).mT / torch.where(Sk > 0, root, 1.0).unsqueeze(-1) * (Sk > 0).unsqueeze(-1) / a.unsqueeze(-2)
     return Pb, S, Pa, ok
 
 

@@ -83,6 +83,57 @@ def test_randomized_reports_its_own_discarded_norm_exactly(power_iterations):
         assert report[path].rank == 6 and merged[path].rank == 6
 
 
+GRAM_SHAPES = {"q": (96, 80), "down": (80, 144)}  # R = 40 below a quarter of m + n: the range finder runs from the Grams
+
+
+@pytest.mark.parametrize("decay", [0.3, None])
+def test_randomized_from_grams_against_the_exact_truncation(decay):
+    """sketch.randomized_from_grams (Krylov in the coefficients of B's range, from the R x R Grams): with a steeply
+    decaying spectrum, the optimum (to 1e-6: a Krylov space of 36 columns in R = 40); with a flat one, no better than
+    the optimum; either way its discarded norm exactly ||dW - dW_r||_F of the factors returned, from the Grams alone."""
+    adapters = adapters_like(10, shapes=GRAM_SHAPES, decay=decay)
+    options = dict(truncation="randomized", oversample=4, power_iterations=3) if decay else dict(truncation="randomized", oversample=3, power_iterations=0)
+    sketch = {key: options[key] for key in ("oversample", "power_iterations")}  # 36 or 8 columns: fewer than R = 40
+    exact, exact_report, dense = merge(adapters, 5, truncation="exact")
+    randomized, report, _ = merge(adapters, 5, **options)
+    for path, (m, n) in GRAM_SHAPES.items():
+        assert truncation_module.krylov_from_grams(m, n, 40, 5, sketch) and report[path].truncation == "randomized"
+        scale = float(dense[path].norm())
+        true = float((dense[path] - product(randomized[path])).norm())
+        assert report[path].discarded == pytest.approx(true, rel=1e-9, abs=1e-12 * scale)
+        assert report[path].norm == pytest.approx(exact_report[path].norm, rel=1e-12)
+        if decay:
+            torch.testing.assert_close(product(randomized[path]), product(exact[path]), rtol=0, atol=1e-6 * scale)
+            assert report[path].discarded == pytest.approx(exact_report[path].discarded, rel=1e-6)
+        else:
+            assert exact_report[path].discarded * (1 - 1e-12) <= report[path].discarded < 1.1 * exact_report[path].discarded
+
+
+def test_randomized_from_grams_takes_qr_where_the_grams_fail():
+    """Ten adapters that share one A (as LoRA-FA's frozen A): the merged update has rank 4, below the 8 columns of a
+    Krylov block, which the Grams cannot orthonormalise; the module is truncated exactly by QR of its stacks instead
+    (recorded "qr"), as the exact path does."""
+    adapters = adapters_like(10, shapes={"q": GRAM_SHAPES["q"]})
+    shared = adapters[0].modules["q"].A
+    adapters = [dataclasses.replace(a, modules={"q": dataclasses.replace(a.modules["q"], A=shared)}) for a in adapters]
+    exact, exact_report, dense = merge(adapters, 5, truncation="exact")
+    merged, report, _ = merge(adapters, 5, truncation="randomized", oversample=3, power_iterations=2)
+    assert report["q"].truncation == "qr" and exact_report["q"].truncation == "qr"
+    torch.testing.assert_close(product(merged["q"]), product(exact["q"]), rtol=0, atol=1e-12 * float(dense["q"].norm()))
+
+
+def test_krylov_from_grams_at_its_boundaries():
+    """From the Grams where the Krylov space leaves room in R and R is at most GRAM_KRYLOV_SHARE of m + n."""
+    sketch = {"oversample": 16, "power_iterations": 4}  # 400 columns at rank 64
+    share = truncation_module.GRAM_KRYLOV_SHARE
+    assert truncation_module.krylov_from_grams(4096, 4096, 1024, 64, sketch)
+    assert not truncation_module.krylov_from_grams(4096, 4096, 400, 64, sketch)  # the Krylov space fills R
+    assert truncation_module.krylov_from_grams(4096, 4096, 401, 64, sketch)
+    assert truncation_module.krylov_from_grams(4096, 4096, int(share * 8192), 64, sketch)
+    assert not truncation_module.krylov_from_grams(4096, 4096, int(share * 8192) + 1, 64, sketch)  # K = 256: on the factors
+    assert not truncation_module.krylov_from_grams(500, 8192, 600, 64, sketch)  # R above m
+
+
 def test_randomized_is_seeded_per_module():
     """The same inputs give the same bytes; the seed changes the result; batching and order do not."""
     adapters = adapters_like(8, shapes={"q": (48, 40), "q2": (48, 40)})
@@ -216,6 +267,96 @@ def test_randomized_merge_loads_in_peft(llama_adapters, tmp_path):
         assert set(lora_layers(model)) == {r.module for r in result.report}
     torch.testing.assert_close(logits["full"], logits["exact"], rtol=1e-4, atol=1e-5)
     assert (logits["truncating"] - logits["exact"]).abs().max() > 0
+
+
+ONE_PASS_SHAPES = {"q": (96, 80), "k": (96, 80), "down": (80, 144), "o": (50, 60), "narrow": (20, 64)}
+
+
+@pytest.mark.parametrize("options", [
+    dict(truncation="randomized", oversample=3, power_iterations=2),  # q, k, down from the Grams; o on the factors; narrow dense
+    dict(truncation="auto", scale=0.5),  # exact (gram) and dense
+    dict(truncation="randomized", oversample=3, power_iterations=2, coefficients="uniform", granularity="module"),
+])
+def test_one_pass_merge_is_update_gram_then_combine(monkeypatch, options):
+    """merge_sources of an svd of task arithmetic takes the coefficients from update_norms and sums each group's Grams
+    once (no update_gram, one factor_grams call a group): its gram, coefficients and merged factors are those of
+    update_gram -> coefficients -> combine to rounding, its gram's diagonal update_norms' to the last bit."""
+    import nan_peft.merge as merge_module
+    from nan_peft.merge import merge_sources
+    from nan_peft.norms import update_norms
+    from nan_peft.spec import MergeSpec
+
+    adapters = adapters_like(10, shapes=ONE_PASS_SHAPES)
+    adapters[3] = dataclasses.replace(adapters[3], modules={p: m for p, m in adapters[3].modules.items() if p != "k"})  # k: a group of 9 adapters
+    spec = MergeSpec(combine="svd", rank=5, **options)
+    gram = update_gram(adapters)
+    coefficients = coefficients_for(spec.coefficients, gram, **spec.provider_given)
+    modules, report = combine(adapters, coefficients, gram, "svd", 5, dtype=torch.float64, options=spec.rule_given, **spec.truncation_given)
+    calls = []
+    grams = truncation_module.factor_grams
+    monkeypatch.setattr(truncation_module, "factor_grams", lambda *a, **k: calls.append(a[0].paths) or grams(*a, **k))
+    monkeypatch.setattr(merge_module, "update_gram", lambda *a, **k: pytest.fail("a second pass of Grams"))
+    result = merge_sources(adapters, spec)
+    assert sorted(calls) == [("down",), ("k",), ("narrow",), ("o",), ("q",)]
+    assert torch.equal(result.gram.squared, update_norms(adapters).squared) and torch.equal(result.gram.present, gram.present)
+    torch.testing.assert_close(result.gram.inner, gram.inner, rtol=1e-13, atol=0)
+    torch.testing.assert_close(result.coefficients.values, coefficients.values, rtol=1e-14, atol=0)
+    expected = {r.module: r for r in report}
+    for r in result.report:
+        assert r.truncation == expected[r.module].truncation
+        assert r.norm == pytest.approx(expected[r.module].norm, rel=1e-12)
+        assert r.discarded == pytest.approx(expected[r.module].discarded, rel=1e-9)
+        scale = float(product(modules[r.module]).norm())
+        torch.testing.assert_close(product(result.adapter.modules[r.module]), product(modules[r.module]), rtol=0, atol=1e-9 * scale)
+
+
+def test_one_pass_merge_falls_back_where_a_weight_is_zero(monkeypatch):
+    """A manual weight of 0 leaves an adapter out of the stacks, whose Grams then hold too few adapters for the inner
+    products: the merge sums the inner products in a pass of their own (update_gram), with the same results."""
+    import nan_peft.merge as merge_module
+
+    adapters = adapters_like(4, shapes={"q": (96, 80)})
+    calls = []
+    real = merge_module.update_gram
+    monkeypatch.setattr(merge_module, "update_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = merge_adapters(adapters, combine="svd", rank=5, weights=[1.0, 0.0, 0.5, 2.0])
+    assert calls == [1]
+    torch.testing.assert_close(result.gram.inner, update_gram(adapters).inner, rtol=0, atol=0)
+    dense = sum(w * a.modules["q"].delta() for w, a in zip([1.0, 0.0, 0.5, 2.0], adapters))
+    assert result.report[0].discarded == pytest.approx(float((dense - product(result.adapter.modules["q"])).norm()), rel=1e-9)
+
+
+def test_update_norms_are_update_grams_diagonal(llama_adapters):
+    """Each adapter's own norms (different ranks, rank patterns, rsLoRA, embedding LoRA, different module sets) are
+    the inner products' diagonal; a non-finite one is refused."""
+    from nan_peft.norms import update_norms
+    from nan_peft.reader import read_adapters
+
+    adapters = read_adapters(llama_adapters)
+    norms, gram = update_norms(adapters), update_gram(adapters)
+    assert norms.modules == gram.modules and torch.equal(norms.present, gram.present)
+    torch.testing.assert_close(norms.squared, gram.squared, rtol=1e-13, atol=0)
+    torch.testing.assert_close(norms.adapter_norms, gram.adapter_norms, rtol=1e-13, atol=0)
+    broken = adapters_like(2)
+    broken[1].modules["q"].B[0, 0] = float("inf")
+    with pytest.raises(NanPeftError, match="a1 at q has a non-finite norm"):
+        update_norms(broken)
+
+
+def test_one_pass_randomized_merge_loads_in_peft(llama_adapters, tmp_path):
+    """merge_adapters' one pass, randomized (from the Grams where R <= (m + n) / 4, on the factors elsewhere), written
+    and loaded by peft: each module's update as peft loads it is the exact merge's minus what was reported discarded."""
+    cat = {path: product(m) for path, m in merge_adapters(llama_adapters, combine="cat").adapter.modules.items()}
+    result = merge_adapters(llama_adapters, combine="svd", rank=2, dtype=torch.float32, truncation="randomized", oversample=0, power_iterations=1)
+    sketch = {"oversample": 0, "power_iterations": 1}
+    shapes = {path: (m.B.shape[0], m.A.shape[1]) for path, m in result.adapter.modules.items()}
+    variants = {truncation_module.krylov_from_grams(*shapes[r.module], r.input_rank, 2, sketch) for r in result.report if r.truncation == "randomized"}
+    assert variants == {True, False}
+    result.save_pretrained(tmp_path / "merged")
+    loaded = peft_deltas(PeftModel.from_pretrained(BASES[LLAMA](), tmp_path / "merged"))
+    for r in result.report:
+        difference = float((loaded[r.module]["default"] - cat[r.module]).norm())
+        assert difference == pytest.approx(r.discarded, rel=1e-4, abs=1e-6 * r.norm), r.module
 
 
 def test_norms_take_one_batched_gram_per_group_whatever_the_number_of_adapters(monkeypatch):
