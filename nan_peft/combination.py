@@ -117,12 +117,13 @@ def combine(
 
     svd truncates each group of same-shaped modules by the path truncation_path picks: exactly from the R x R
     Grams (R = sum of the ranks; QR of the stacks where those are ill-conditioned), exactly by the SVD of the dense
-    update where R >= min(m, n), or with a block Krylov range finder (sketch.randomized_svd: `oversample` extra
-    columns, `power_iterations` Krylov blocks after the first, test matrices seeded from `sketch_seed` and the
-    module path) where the exact core would cost much more. `truncation` "exact" or "randomized" forces the choice.
-    Whatever the path, the discarded norm is exact: on the randomized path ||dW - dW_r||^2 = ||dW||^2
-    - 2 <dW, dW_r> + ||dW_r||^2 in float64, ||dW|| from `gram` (the Grams) and the rest from products with the
-    rank-`rank` result (_discarded). ModuleReport.truncation records the path.
+    update where R >= min(m, n), or with a block Krylov range finder (`oversample` extra columns, `power_iterations`
+    Krylov blocks after the first, test matrices seeded from `sketch_seed` and the module path) where the exact core
+    would cost much more: from the Grams (sketch.randomized_from_grams) where R <= (m + n) / 4, else on the factored
+    stacks (sketch.randomized_svd). `truncation` "exact" or "randomized" forces the choice. Whatever the path, the
+    discarded norm is exact: on the randomized path ||dW - dW_r||^2 = ||dW||^2 - 2 <dW, dW_r> + ||dW_r||^2 in
+    float64, from the Grams, or with ||dW|| from `gram` and the rest from products with the rank-`rank` result
+    (truncation._discarded). ModuleReport.truncation records the path.
 
     on_grams (svd of task arithmetic only) receives every module's unweighted factor Grams from svd's own pass
     (truncation.truncate_groups), so that the caller sums the adapters' inner products (norms.InnerProducts) without a

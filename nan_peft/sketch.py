@@ -6,7 +6,11 @@ For a LoRA merge M = B @ A with B (m x R) and A (R x n), one product M @ X = B @
 l columns, so the whole truncation costs O((m + n) R l (q + 1)), linear in R, where the exact core SVD (gram.py)
 costs O((m + n) R^2 + R^3). The result is the best rank-k approximation of Q Q^T M for the orthonormal basis Q
 found, so ||M - M_k||_F^2 = ||M||_F^2 - sum(S_k^2) up to the products' rounding; a caller that needs the discarded
-norm exactly computes it from the factors (combine._discarded does, from the Grams' ||M||_F).
+norm exactly computes it from the factors (truncation._discarded does, from the Grams' ||M||_F).
+
+Where the R x R Grams of the factors are summed anyway (an exact truncation would need them; a merge sums them for
+its inner products), randomized_from_grams runs the same block Krylov iteration on them alone: O((q + 1) R^2 l) after
+the Grams, nothing of size m or n but the two products that form the result.
 
 Pure, batched over leading dimensions (G same-shaped operators at once), device-agnostic; the random test
 matrices are drawn on the CPU in float32 from (seed, module path) alone, so results depend on neither the order

@@ -1,7 +1,9 @@
 """How svd truncates the stacked factors of same-shaped modules to a rank: exactly from the R x R Grams (QR of the
 stacks where those are ill-conditioned), exactly by the SVD of the dense update where R reaches min(m, n), or by a
-block Krylov range finder (sketch.py) where the exact core would cost much more; the choice by a cost model
-(truncation_path), the discarded norm always exact."""
+block Krylov range finder (sketch.py) where the exact core would cost much more, run from the same Grams where R is
+small next to m + n (krylov_from_grams) and on the factored stacks beyond; the choice by a cost model
+(truncation_path), the discarded norm always exact. The Grams it sums can serve the caller too (on_grams: the
+merge's inner products, norms.InnerProducts), so that a merge sums them once."""
 
 from __future__ import annotations
 
