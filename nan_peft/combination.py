@@ -91,7 +91,7 @@ def default_combine(rule: str) -> str:
 def combine(
     adapters: Sequence[LoraAdapter],
     coefficients: Coefficients,
-    gram: UpdateGram,
+    gram: UpdateGram | None,
     method: str | None = None,
     rank: int | None = None,
     device: torch.device | str = "cpu",
