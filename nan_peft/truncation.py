@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .batching import Group, groups, modules_per_piece, stack_terms, stacked_chunks
-from .gram import canonical_signs, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
+from .gram import canonical_signs, inner_products_from_grams, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
 from .norms import factor_grams, gram_buffer
 from .sketch import factored, randomized_from_grams, randomized_svd, seeded_gaussians
 
@@ -134,16 +134,17 @@ def truncate_groups(terms, rank, device, dtype, max_batch_bytes, merged_norms, s
 
 def _grams_for(group: Group, buffer: torch.Tensor, on_grams) -> dict[str, float]:
     """Sum the group's factor Grams piece by piece for on_grams; return each module's exact merged norm from them,
-    ||B diag(w) A||_F^2 = sum((W B^T B W) * A A^T) (the group's weights)."""
+    ||sum_k w_k B_k A_k||_F^2 = sum_kl w_k w_l <B_k A_k, B_l A_l> (the group's term weights; the K x K inner products
+    of the unweighted factors from the Grams, gram.inner_products_from_grams: one R x R temporary, not three)."""
     norms = {}
     step = modules_per_piece(group, 8, buffer.numel() * 8)
-    weights = group.weights(device=buffer.device)
     for start in range(0, len(group.paths), step):
         AAt, BtB = factor_grams(group, buffer, start, start + step)
         on_grams(group, start, start + step, AAt, BtB)
-        w = weights[start : start + step]
-        squared = (BtB * (w.unsqueeze(-1) * w.unsqueeze(-2)) * AAt).sum((-2, -1)).clamp_min(0).sqrt().tolist()
-        norms.update(zip(group.paths[start : start + step], squared))
+        w = torch.tensor([[weight for _, _, weight in path_terms] for path_terms in group.terms[start : start + step]],
+                         dtype=torch.float64, device=buffer.device)
+        squared = torch.einsum("gk,gkl,gl->g", w, inner_products_from_grams(AAt, BtB, group.ranks), w)
+        norms.update(zip(group.paths[start : start + step], squared.clamp_min(0).sqrt().tolist()))
     return norms
 
 
