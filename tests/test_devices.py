@@ -30,6 +30,8 @@ pytestmark = pytest.mark.skipif(
 RULES = {
     "cat": dict(combine="cat"),
     "svd": dict(combine="svd", rank=4, granularity="module"),
+    # the randomized truncation, from the Grams (modules with R <= (m + n) / 4) and on the factors (the rest)
+    "svd_randomized": dict(combine="svd", rank=2, truncation="randomized", oversample=0, power_iterations=1),
     "ties": dict(method="ties", density=0.5, combine="svd", rank=16),
     "dare_ties": dict(method="dare_ties", density=0.5, seed=3, rank=16),
     "magnitude_prune": dict(method="magnitude_prune", density=0.3, coefficients="uniform", rank=16),
