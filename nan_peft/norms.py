@@ -95,16 +95,11 @@ def update_gram(
     sum. max_batch_bytes bounds the float64 buffer.
     """
     inner = InnerProducts(adapters)
-    terms = {
-        path: [(k, a.modules[path], a.modules[path].scale) for k, a in enumerate(adapters) if path in a.modules]
-        for path in inner.modules
-    }
-    found = groups(terms)
+    found = groups(_scaled_terms(adapters, inner.modules))
     buffer = gram_buffer(found, device, max_batch_bytes)
     for group in found:
-        step = modules_per_piece(group, 8, buffer.numel() * 8)
-        for start in range(0, len(group.paths), step):
-            inner.add(group, start, start + step, *factor_grams(group, buffer, start, start + step))
+        for piece in grams_by_piece(group, buffer):
+            inner.add(group, *piece)
     return inner.result()
 
 
@@ -115,7 +110,7 @@ class InnerProducts:
 
     def __init__(self, adapters: Sequence[LoraAdapter]):
         self.adapters = adapters
-        self.modules = tuple(sorted({path for adapter in adapters for path in adapter.modules}))
+        self.modules = _module_paths(adapters)
         self.index = {path: m for m, path in enumerate(self.modules)}
         self.inner = torch.zeros((len(self.modules), len(adapters), len(adapters)), dtype=torch.float64)
 
@@ -150,11 +145,10 @@ def update_norms(adapters: Sequence[LoraAdapter], device: torch.device | str = "
     reused float64 buffer as update_gram's do (fresh memory for whole stacks costs page faults: 4x the time on a
     whole 7B model), each piece giving every adapter's diagonal block. What the coefficients need before the svd
     merge sums the Grams once (merge.merge_sources). Refuses a non-finite norm."""
-    modules = tuple(sorted({path for adapter in adapters for path in adapter.modules}))
+    modules = _module_paths(adapters)
     index = {path: m for m, path in enumerate(modules)}
     squared = torch.zeros((len(modules), len(adapters)), dtype=torch.float64)
-    terms = {path: [(k, a.modules[path], a.modules[path].scale) for k, a in enumerate(adapters) if path in a.modules] for path in modules}
-    found = groups(terms)
+    found = groups(_scaled_terms(adapters, modules))
     buffer = gram_buffer(found, device, max_batch_bytes)
     for group in found:
         step = modules_per_piece(group, 8, buffer.numel() * 8)
@@ -192,6 +186,15 @@ def _diagonal_blocks(group: Group, side: str, buffer: torch.Tensor, start: int, 
     return blocks
 
 
+def _module_paths(adapters: Sequence[LoraAdapter]) -> tuple[str, ...]:
+    return tuple(sorted({path for adapter in adapters for path in adapter.modules}))
+
+
+def _scaled_terms(adapters: Sequence[LoraAdapter], modules: Sequence[str]) -> dict[str, list]:
+    """Per module path, the terms (k, module, s_k) of the adapters present there: their updates s_k B_k A_k."""
+    return {path: [(k, a.modules[path], a.modules[path].scale) for k, a in enumerate(adapters) if path in a.modules] for path in modules}
+
+
 def _present(adapters: Sequence[LoraAdapter], modules: Sequence[str]) -> torch.Tensor:
     return torch.tensor([[path in a.modules for a in adapters] for path in modules], dtype=torch.bool).reshape(len(modules), len(adapters))
 
@@ -203,6 +206,16 @@ def gram_buffer(found: Sequence[Group], device: torch.device | str, max_batch_by
     tallest = max((group.rank for group in found), default=0)
     piece_bytes = min(max(chunk_bytes(device), 8 * tallest * GRAM_COLUMNS), max_batch_bytes)
     return torch.empty(piece_bytes // 8, dtype=torch.float64, device=device)
+
+
+def grams_by_piece(group: Group, buffer: torch.Tensor, first: int = 0, last: int | None = None):
+    """Yield (start, stop, A A^T, B^T B) for the modules of group.paths[first:last], as many at a time as one piece
+    of `buffer` holds whole (factor_grams)."""
+    last = len(group.paths) if last is None else last
+    step = modules_per_piece(group, buffer.element_size(), buffer.numel() * buffer.element_size())
+    for start in range(first, last, step):
+        stop = min(last, start + step)
+        yield (start, stop, *factor_grams(group, buffer, start, stop))
 
 
 def factor_grams(group: Group, buffer: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

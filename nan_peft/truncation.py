@@ -14,7 +14,7 @@ import torch
 
 from .batching import Group, groups, modules_per_piece, stack_terms, stacked_chunks
 from .gram import canonical_signs, inner_products_from_grams, split_singular, tail_energy, truncate_dense, truncate_low_rank, truncation_from_grams
-from .norms import factor_grams, gram_buffer
+from .norms import gram_buffer, grams_by_piece
 from .sketch import factored, randomized_from_grams, randomized_svd, seeded_gaussians
 
 # How svd truncates a module (the `truncation` option): "exact" is the optimum (Eckart-Young), "randomized" a block
@@ -137,14 +137,12 @@ def _grams_for(group: Group, buffer: torch.Tensor, on_grams) -> dict[str, float]
     ||sum_k w_k B_k A_k||_F^2 = sum_kl w_k w_l <B_k A_k, B_l A_l> (the group's term weights; the K x K inner products
     of the unweighted factors from the Grams, gram.inner_products_from_grams: one R x R temporary, not three)."""
     norms = {}
-    step = modules_per_piece(group, 8, buffer.numel() * 8)
-    for start in range(0, len(group.paths), step):
-        AAt, BtB = factor_grams(group, buffer, start, start + step)
-        on_grams(group, start, start + step, AAt, BtB)
-        w = torch.tensor([[weight for _, _, weight in path_terms] for path_terms in group.terms[start : start + step]],
+    for start, stop, AAt, BtB in grams_by_piece(group, buffer):
+        on_grams(group, start, stop, AAt, BtB)
+        w = torch.tensor([[weight for _, _, weight in path_terms] for path_terms in group.terms[start:stop]],
                          dtype=torch.float64, device=buffer.device)
         squared = torch.einsum("gk,gkl,gl->g", w, inner_products_from_grams(AAt, BtB, group.ranks), w)
-        norms.update(zip(group.paths[start : start + step], squared.clamp_min(0).sqrt().tolist()))
+        norms.update(zip(group.paths[start:stop], squared.clamp_min(0).sqrt().tolist()))
     return norms
 
 
@@ -263,19 +261,16 @@ def _truncate_group(group: Group, rank: int, dtype: torch.dtype, buffer: torch.T
     G, R, m, n = len(group.paths), group.rank, group.m, group.n
     step = modules_per_piece(group, buffer.element_size(), buffer.numel() * buffer.element_size())
     batch = max(1, max_batch_bytes // (ALGEBRA_COPIES * 8 * R * R) // step) * step
-    k = min(rank, R if sketch is None else (sketch["power_iterations"] + 1) * min(rank + sketch["oversample"], R))
-    allocate = torch.zeros if k < rank else torch.empty
-    B, A = allocate((G, m, rank), dtype=dtype), allocate((G, rank, n), dtype=dtype)
+    B = A = None
     weights = group.weights(device=buffer.device)  # B = [w_1 B_1 | ...]: scale B^T B, then Pb's rows
     results = []
     for first in range(0, G, batch):
         last = min(G, first + batch)
-        starts = range(first, last, step)
-        grams = [factor_grams(group, buffer, start, min(last, start + step)) for start in starts]
+        grams = list(grams_by_piece(group, buffer, first, last))
         if on_grams is not None:
-            for start, (AAt, BtB) in zip(starts, grams):
-                on_grams(group, start, min(last, start + step), AAt, BtB)
-        AAt, BtB = torch.cat([AAt for AAt, _ in grams]), torch.cat([BtB for _, BtB in grams])
+            for piece in grams:
+                on_grams(group, *piece)
+        AAt, BtB = torch.cat([AAt for _, _, AAt, _ in grams]), torch.cat([BtB for _, _, _, BtB in grams])
         del grams
         w = weights[first:last]
         if sketch is None:
@@ -287,6 +282,9 @@ def _truncate_group(group: Group, rank: int, dtype: torch.dtype, buffer: torch.T
             Pb, S, Pa, ok = randomized_from_grams(AAt, BtB, w, omega, rank, sketch["power_iterations"])
             norms, discarded = _discarded_from_grams(AAt, BtB, w, Pb, Pa)
         del AAt, BtB
+        if B is None:  # k = min(rank, the columns found) is the same for every batch
+            allocate = torch.zeros if Pb.shape[-1] < rank else torch.empty
+            B, A = allocate((G, m, rank), dtype=dtype), allocate((G, rank, n), dtype=dtype)
         _factors(group, first, last, step, Pb, Pa, buffer, B, A)
         results.append((norms, discarded, (S[:, :rank] > 0).sum(-1), ok))
     norms, discarded, kept, ok = (torch.cat(parts).tolist() for parts in zip(*results))

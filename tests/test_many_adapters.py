@@ -297,8 +297,9 @@ def test_one_pass_merge_is_update_gram_then_combine(monkeypatch, options):
     coefficients = coefficients_for(spec.coefficients, gram, **spec.provider_given)
     modules, report = combine(adapters, coefficients, gram, "svd", 5, dtype=torch.float64, options=spec.rule_given, **spec.truncation_given)
     calls = []
-    grams = truncation_module.factor_grams
-    monkeypatch.setattr(truncation_module, "factor_grams", lambda *a, **k: calls.append(a[0].paths) or grams(*a, **k))
+    norms_module = importlib.import_module("nan_peft.norms")
+    grams = norms_module.factor_grams
+    monkeypatch.setattr(norms_module, "factor_grams", lambda *a, **k: calls.append(a[0].paths) or grams(*a, **k))
     monkeypatch.setattr(merge_module, "update_gram", lambda *a, **k: pytest.fail("a second pass of Grams"))
     result = merge_sources(adapters, spec)
     assert sorted(calls) == [("down",), ("k",), ("narrow",), ("o",), ("q",)]
