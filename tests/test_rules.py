@@ -61,6 +61,18 @@ def test_ties_degenerate_cases():
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.9])
+def test_trim_breaks_ties_in_index_order(dtype, density):
+    """Whole-number updates tie at the threshold magnitude: the first tied entries are kept, exactly
+    int(density * numel) of them in all, whether the threshold comes from numpy (float32/64 on the CPU) or topk."""
+    from nan_peft.rules.family import trim_magnitude
+
+    deltas = torch.randint(-3, 4, (3, 7, 9), generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = trim_magnitude(deltas, density)
+    for d, g in zip(deltas, got):
+        assert torch.equal(g.double(), trimmed(d.double(), density))
+
 @pytest.mark.parametrize("density", [0.5, 1.0])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_matches_reference_with_mixed_sign_weights(density, normalize):
