@@ -10,7 +10,7 @@ import torch
 
 from .batching import CPU_CHUNK_BYTES, DEFAULT_BATCH_BYTES, Term
 from .coefficients import Coefficients, contributions
-from .errors import NanPeftError
+from .errors import NanPeftError, all_finite
 from .gram import pad_rank, tail_energy, truncate_dense
 from .lora import LoraAdapter, LoraModule
 from .norms import UpdateGram
@@ -265,7 +265,7 @@ def _dense(adapters, coefficients, rule, options, rank, device, dtype):
 
 def _like(template: LoraModule, A: torch.Tensor, B: torch.Tensor, path: str) -> LoraModule:
     """The merged factors as a module laid out like `template`; refuses factors the output dtype cannot hold."""
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+    if not (all_finite(A) and all_finite(B)):
         dtype = str(B.dtype).removeprefix("torch.")
         fix = "merge with dtype=float32 (--dtype float32)" if B.element_size() < 4 else "check the adapters' scales and the merge's options"
         raise NanPeftError(f"the merged factors of {path} overflow {dtype}; {fix}")

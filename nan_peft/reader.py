@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import NanPeftError, first_line
+from .errors import NanPeftError, all_finite, first_line
 from .hub import resolve_folder
 from .lora import FACTOR_KEY, KEY_PREFIX, LoraAdapter, LoraModule, lora_scale, module_from_peft, saved_module
 from .peft_format import BIN_NAME, CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
@@ -278,7 +278,7 @@ def _module(path: str, A: torch.Tensor, B: torch.Tensor, kind: str, config: dict
     if r != expected_r:
         raise NanPeftError(f"{label}: module {path} has rank {r} but {CONFIG_NAME} says r={expected_r}")
     for factor, tensor in (("lora_A", A), ("lora_B", B)):
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise NanPeftError(f"{label}: module {path} {factor} holds NaN or Inf")
     alpha = _pattern_value(config, "alpha_pattern", path, config["lora_alpha"])
     scale = lora_scale(alpha, r, bool(config.get("use_rslora")))

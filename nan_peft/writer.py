@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import NanPeftError
+from .errors import NanPeftError, all_finite
 from .gram import pad_rank
 from .lora import FACTOR_KEYS, KEY_PREFIX, LoraAdapter
 from .peft_format import CHECKSUM_KEY, CONFIG_NAME, SAFETENSORS_NAME, content_digest
@@ -39,7 +39,7 @@ def adapter_state_dict(adapter: LoraAdapter, rank: int | None = None) -> dict[st
         state[f"{KEY_PREFIX}{path}.{b_key}"] = B.contiguous()
     state.update({key: tensor.contiguous() for key, tensor in sorted({**adapter.extras, **adapter.saved}.items())})
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise NanPeftError(
                 f"cannot write {key}: it holds NaN or Inf ({str(tensor.dtype).removeprefix('torch.')} overflow? "
                 "merge with dtype=float32)"
