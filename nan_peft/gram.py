@@ -166,6 +166,23 @@ def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return u, S, vh @ Q
 
 
+def wide_left_svd(blocks: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, S): the left singular vectors and values of the short, wide X = [w_1 X_1 | ... | w_K X_K] given as
+    blocks (K, a, b), from its a x a Gram sum_k w_k^2 X_k X_k^T alone: X = F Q with F its Jacobi-scaled Cholesky
+    factor and Q's rows orthonormal, so F = x diag(S) vh holds X's. wide_svd's first pass without forming Q, for a
+    caller that needs x^T X rather than X's right singular vectors. None where wide_svd would not take Cholesky QR or
+    would want its second pass (call wide_svd then)."""
+    K, a, b = blocks.shape
+    if a > WIDE_ROWS or K * b < WIDE_RATIO * a or a == 0 or a * K * b < WIDE_MIN_ENTRIES:
+        return None
+    gram = torch.einsum("k,kij->ij", weights.to(blocks.dtype).square(), blocks @ blocks.mT)
+    L, ok, scale, inverse = scaled_cholesky(gram, WIDE_CONDITION)
+    if not bool(ok) or not bool(a * inverse.square().sum() < WIDE_ONE_PASS):
+        return None
+    x, S, _ = torch.linalg.svd(L / scale, full_matrices=False)
+    return x, S
+
+
 def canonical_signs(L: torch.Tensor, Rt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip singular vector pairs so that the largest entry of each column of L is positive: results then
     do not depend on the LAPACK build or device. Returns (L, Rt) with L diag(S) Rt unchanged."""

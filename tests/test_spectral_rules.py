@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from peft import PeftModel
 
 from models import BASES, LLAMA, input_ids, make_adapter
-from nan_peft import LoraAdapter, LoraModule, NanPeftError, merge_adapters
+from nan_peft import LoraAdapter, LoraModule, NanPeftError, gram, merge_adapters
 from nan_peft.cli import cli
 from nan_peft.combination import dense_updates
 from nan_peft.rules import module_generator
@@ -193,6 +193,21 @@ def small_adapters(ranks=(3, 5, 2), scales=(0.5, 2.0, 1.3), m=40, n=30, seed=0):
 def test_rule_matches_dense_reference_with_manual_weights(method, options, weights):
     adapters = small_adapters()
     result = merge_adapters(adapters, coefficients=weights, method=method, dtype=torch.float64, **options)
+    (expected, _), = module_references(result, method, options).values()
+    assert_close(update(result, "m"), expected)
+
+
+@pytest.mark.parametrize("method,options", [("knots_ties", {"density": 0.4}), ("knots_dare", {"density": 0.5, "seed": 2})])
+def test_knots_from_the_concatenations_gram_matches_the_reference(monkeypatch, method, options):
+    """A module wide enough (R x K n left-reduced updates, 10 x 7200) for KnOTS's SVD of the concatenation to come from
+    its Gram (gram.wide_left_svd, no right singular vectors formed): the same merge as the dense reference."""
+    import nan_peft.rules.knots as knots
+
+    taken = []
+    monkeypatch.setattr(knots, "wide_left_svd", lambda *a: taken.append(gram.wide_left_svd(*a)) or taken[-1])
+    adapters = small_adapters(n=2400, seed=3)
+    result = merge_adapters(adapters, coefficients=[0.5, -0.8, 1.7], method=method, dtype=torch.float64, **options)
+    assert taken and all(t is not None for t in taken)
     (expected, _), = module_references(result, method, options).values()
     assert_close(update(result, "m"), expected)
 

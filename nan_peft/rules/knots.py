@@ -16,17 +16,22 @@ Equivariant on the left only: the core path feeds it U^T dW_k (p x n), exact, si
 import torch
 
 from .family import merge_family
-from .spectral import thin_svd, weighted
+from ..gram import wide_left_svd
+from .spectral import rank_of, thin_svd, weighted
 from .svc import finish
 
 
 def _knots(updates, weights, generator, sparsify, density, normalize, majority_sign_method, scale, calibrate):
-    tasks = weighted(updates, weights)
-    K, n = tasks.shape[0], tasks.shape[-1]
-    x, S, yh = thin_svd(torch.cat(list(tasks), dim=1))
-    if S.numel() == 0:
+    K, n = updates.shape[0], updates.shape[-1]
+    left = wide_left_svd(updates, weights)
+    if left is not None:  # diag(s) V_k^T = x^T c_k T_k: the projections, without forming the concatenation's V
+        x = left[0][:, : rank_of(left[1])]
+        blocks = (weights.to(updates.dtype).reshape(-1, 1, 1) * x.mT) @ updates
+    else:
+        x, S, yh = thin_svd(torch.cat(list(weighted(updates, weights)), dim=1))
+        blocks = torch.stack((S.unsqueeze(-1) * yh).split(n, dim=1))  # diag(s) V_k^T, (K, k, n)
+    if x.shape[-1] == 0:
         return updates.new_zeros(updates.shape[1:])
-    blocks = torch.stack((S.unsqueeze(-1) * yh).split(n, dim=1))  # diag(s) V_k^T, (K, k, n)
     merged = merge_family(blocks, torch.ones(K, dtype=blocks.dtype, device=blocks.device), sparsify=sparsify, density=density,
                           consensus=True, normalize=normalize, sign_method=majority_sign_method, generator=generator)
     return finish(x @ merged, updates, scale, calibrate)
