@@ -49,9 +49,9 @@ def drop_random(deltas: torch.Tensor, density: float, generator: torch.Generator
         return deltas
     # drawn on the CPU in float64 whatever the device and dtype of the updates: the same seed gives the same
     # mask for the svd merge (float64), the fold (float32) and on a GPU
-    keep = (torch.rand(deltas.shape, generator=generator, dtype=torch.float64) < density).to(deltas.device)
-    kept = deltas * keep
-    return kept / density if rescale else kept
+    draws = torch.rand(deltas.shape, generator=generator, dtype=torch.float64)
+    keep = draws.lt_(density) if deltas.device.type == "cpu" else (draws < density).to(deltas.device)  # lt_: 1.0 or 0.0
+    return (deltas / density if rescale else deltas.clone()).mul_(keep)
 
 
 SIGN_METHODS = ("total", "frequency")
@@ -111,10 +111,12 @@ def merge_family(
     # c_k dW'_k agrees where its product with the elected sign is positive (entries sparsified to 0 never do), and
     # there equals elected * |c_k dW'_k|: the agreeing entries sum to elected * sum_k max(c_k dW'_k * elected, 0),
     # the same numbers as summing them where they agree, in fewer passes over the K updates
-    aligned = weighted * elected
-    merged = elected * aligned.clamp_min(0).sum(0)
+    aligned = (weighted * elected).clamp_min_(0)
+    merged = elected * aligned.sum(0)
     if normalize:
-        agree = aligned > 0
-        divisor = agree.sum(0, dtype=merged.dtype) if weighted is deltas else (c.abs() * agree).sum(0)
+        if weighted is deltas:
+            divisor = torch.count_nonzero(aligned, dim=0).to(merged.dtype)
+        else:
+            divisor = (c.abs() * (aligned > 0)).sum(0)
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return merged if scale == 1 else scale * merged
