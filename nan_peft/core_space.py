@@ -159,11 +159,12 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     good = (ok_a & ok_b).nonzero().flatten()
     if good.numel() == 0:
         return out
-    A, B, weights = A[good], B[good], weights[good]
+    pick = good if good.numel() < len(items) else slice(None)  # a view, not a copy of the stacks, where all are good
+    A, B, weights = A[pick], B[pick], weights[pick]
     # A A^T = Ra^T Ra and B^T B = Rb^T Rb with Ra = (D_a^-1 La)^T, D = diag(scale): the R factors of A^T and B's QR
     # (up to the signs of their rows); their inverses D L^-T from the inverses the condition bounds computed
-    Ra, Rb = (La[good] / scale_a[good]).mT, (Lb[good] / scale_b[good]).mT
-    Ra_inverse, Rb_inverse = scale_a[good] * inverse_a[good].mT, scale_b[good] * inverse_b[good].mT
+    Ra, Rb = (La[pick] / scale_a[pick]).mT, (Lb[pick] / scale_b[pick]).mT
+    Ra_inverse, Rb_inverse = scale_a[pick] * inverse_a[pick].mT, scale_b[pick] * inverse_b[pick].mT
     repeated = weights.repeat_interleave(torch.tensor(ranks, device=weights.device), dim=1)  # (G, R): c_k per column
     u, _, vh = torch.linalg.svd((Rb * repeated.unsqueeze(-2)) @ Ra.mT, full_matrices=True)
     v = vh.mT

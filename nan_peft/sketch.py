@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .gram import scaled_cholesky
+from .gram import canonical_signs, scaled_cholesky
 
 Apply = Callable[[torch.Tensor], torch.Tensor]
 """X (..., n, l) -> M @ X (..., m, l), or Y (..., m, l) -> M^T @ Y (..., n, l)."""
@@ -93,9 +93,8 @@ def randomized_svd(
     Wk, Sk = W[..., :k], S[..., :k]
     L = Q @ Wk
     Rt = (Ct @ Wk.to(Ct.dtype)).to(wide).mT / torch.where(Sk > 0, Sk, 1.0).unsqueeze(-1) * (Sk > 0).unsqueeze(-1)
-    pivot = L.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.where(torch.gather(L, -2, pivot) < 0, -1.0, 1.0).to(L.dtype)
-    return L * sign, S, Rt * sign.mT
+    L, Rt = canonical_signs(L, Rt)
+    return L, S, Rt
 
 
 # orthonormal_basis trusts Cholesky QR where a bound on the condition number of the Jacobi-scaled Gram Y^T Y stays

@@ -115,7 +115,7 @@ def merge_family(
     merged = elected * aligned.sum(0)
     if normalize:
         if weighted is deltas:
-            divisor = torch.count_nonzero(aligned, dim=0).to(merged.dtype)
+            divisor = aligned.sign().sum(0)  # aligned >= 0: its signs count the agreeing entries
         else:
             divisor = (c.abs() * (aligned > 0)).sum(0)
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
