@@ -99,7 +99,8 @@ def plan(quick: bool, devices: list[str]) -> dict[str, list[dict]]:
                                 "params": {"shape": spectral_shape, "r": 16, "rule": rule, "repeat": slow, "device": "cpu"}})
     if "cpu" in devices:
         out["spectral"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each: nan-peft merge --method RULE",
-                                "case": "cli", "params": {"shape": "llama-7b", "r": 16, "repeat": slow, "spectral": True}})
+                                # three runs even with --quick: a 2x verdict from one run of each command is the machine's noise
+                                "case": "cli", "params": {"shape": "llama-7b", "r": 16, "repeat": 3, "spectral": True}})
     if "cpu" in devices:  # the command line's target is for the CPU
         out["cli"].append({"label": "llama-7b r=16, 3 adapters (float32 safetensors), 224 modules each", "case": "cli",
                            "params": {"shape": "llama-7b", "r": 16, "repeat": slow}})
