@@ -35,6 +35,9 @@ RULES = {
     "ties": dict(method="ties", density=0.5, combine="svd", rank=16),
     "dare_ties": dict(method="dare_ties", density=0.5, seed=3, rank=16),
     "magnitude_prune": dict(method="magnitude_prune", density=0.3, coefficients="uniform", rank=16),
+    # the core path: KnOTS's SVD from the Gram, its trim (k-th magnitude from topk off the CPU, numpy on it), DARE's masks
+    "knots_ties": dict(method="knots_ties", density=0.5),
+    "knots_dare": dict(method="knots_dare", density=0.5, seed=1),
 }
 
 
