@@ -144,3 +144,75 @@ def debate_speaker() -> tuple[list[str], list[int], list[str]]:
 
 
 LOADERS.update({"movie": movie_sentiment, "subjectivity": subjectivity, "speaker": debate_speaker})
+
+
+# --------------------------------------------------------------------------- probing tasks
+# SentEval's probing tasks (Conneau et al. 2018, "What you can cram into a single $&!#* vector": BShift, SOMO) on
+# real sentences: half of a task's sentences are perturbed, and the task is to tell which. A sentence embedding
+# trained for semantic similarity carries little of word order, so a linear probe on the frozen encoder stays
+# near chance while LoRA on the encoder's layers learns them: tasks on which the adapters matter.
+
+
+def _perturb_bshift(words: list[str], rng) -> None:
+    """Two adjacent words swapped (SentEval's BShift)."""
+    i = rng.randrange(0, min(len(words), 25) - 1)
+    words[i], words[i + 1] = words[i + 1], words[i]
+
+
+def _perturb_swap(words: list[str], rng) -> None:
+    """Two words anywhere in the first 25 swapped."""
+    i, j = rng.sample(range(min(len(words), 25)), 2)
+    words[i], words[j] = words[j], words[i]
+
+
+def _perturb_reverse(words: list[str], rng) -> None:
+    """A span of four words reversed."""
+    i = rng.randrange(0, min(len(words), 25) - 3)
+    words[i : i + 4] = words[i : i + 4][::-1]
+
+
+def _perturb_replace(words: list[str], rng, vocabulary: list[str]) -> None:
+    """One word replaced by a word drawn from the corpus (SentEval's SOMO, without its frequency matching)."""
+    words[rng.randrange(0, min(len(words), 25))] = rng.choice(vocabulary)
+
+
+PROBES = {"bshift": _perturb_bshift, "swap": _perturb_swap, "reverse": _perturb_reverse, "replace": _perturb_replace}
+PROBE_SENTENCES = 3000  # each probing task's own sentences, disjoint from the other tasks'
+
+
+def _sentences() -> list[str]:
+    """The Rotten Tomatoes plot sentences and review snippets of 10 to 30 words, each once, in a seeded order."""
+    import random
+    import re
+
+    rows = _rotten_tomatoes()
+    plot = [s for r in rows if r["category"] == "plot" for s in re.split(r"(?<=[.!?])\s+", normalise(r["text"]))]
+    snippets = [normalise(r["text"]) for r in rows if r["category"] != "plot"]
+    sentences = sorted({s for s in plot + snippets if 10 <= len(s.split()) <= 30})
+    random.Random(0).shuffle(sentences)
+    return sentences
+
+
+def probing(name: str) -> tuple[list[str], list[int], list[str]]:
+    """Probing task `name` (a key of PROBES): its PROBE_SENTENCES sentences, each perturbed with probability 1/2
+    (label 1) by a generator seeded with the task's name; the replacement words of "replace" come from the
+    sentences no probing task uses."""
+    import random
+    import zlib
+
+    sentences = _sentences()
+    index = list(PROBES).index(name)
+    own = sentences[index * PROBE_SENTENCES : (index + 1) * PROBE_SENTENCES]
+    vocabulary = [w for s in sentences[len(PROBES) * PROBE_SENTENCES :] for w in s.split()]
+    rng = random.Random(zlib.crc32(name.encode()))
+    texts, labels = [], []
+    for sentence in own:
+        words, label = sentence.split(), rng.randrange(2)
+        if label:
+            PROBES[name](words, rng, vocabulary) if name == "replace" else PROBES[name](words, rng)
+        texts.append(" ".join(words))
+        labels.append(label)
+    return (*unique(texts, labels), ["original", "perturbed"])
+
+
+LOADERS.update({name: (lambda name=name: probing(name)) for name in PROBES})

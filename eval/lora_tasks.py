@@ -101,6 +101,18 @@ class Setup:
         return hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:10]
 
 
+SUITES = {
+    "text": {},
+    # SentEval-style probing tasks (data.PROBES) on which MiniLM's frozen sentence embedding is near chance, so that
+    # the adapters matter, beside the debate speaker and drug review sentiment tasks; LoRA on the top four layers at a
+    # lower learning rate (2e-3 left the adapters of four layers at chance), 2,000 training examples a probing task and
+    # what speaker and sentiment have beside their held-out splits.
+    "probing": {"train_sizes": {"bshift": 2000, "swap": 2000, "reverse": 2000, "replace": 2000, "speaker": 384, "sentiment": 384},
+                "split": 2, "lr": 5e-4, "steps": 400, "test_size": 150, "val_size": 60},
+}
+"""Task sets: {name: the Setup fields that differ from the defaults}."""
+
+
 # --------------------------------------------------------------------------- model
 
 

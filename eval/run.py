@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds of experiment 2 (default 3; --quick: 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared 2-core machine one thread trained 7x faster than two)")
+    parser.add_argument("--suite", choices=("text", "probing"), default="text",
+                        help="experiment 2's tasks: text classification (default) or probing tasks on which the adapters "
+                             "matter (lora_tasks.SUITES; results in eval/results/probing unless --out)")
     parser.add_argument("--cache", type=Path, default=ROOT / "eval" / ".cache")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default eval/results; --quick: the cache)")
     parser.add_argument("--plots", type=Path, default=None, help="plot folder (default docs; --quick: the results folder)")
@@ -64,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import lora_tasks, theory
 
     torch.set_num_threads(args.threads)
-    out = args.out or (args.cache / "quick-results" if args.quick else ROOT / "eval" / "results")
-    plots = args.plots or (out if args.quick else ROOT / "docs")
+    results = ROOT / "eval" / "results" if args.suite == "text" else ROOT / "eval" / "results" / args.suite
+    out = args.out or (args.cache / "quick-results" if args.quick else results)
+    plots = args.plots or (ROOT / "docs" if out == ROOT / "eval" / "results" else out)
     out.mkdir(parents=True, exist_ok=True)
     plots.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -83,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         began = time.time()
         save("theory", theory.run(quick=args.quick, log=log), began)
     if not args.report_only and args.only in (None, "lora"):
-        setup = lora_tasks.Setup(seeds=seeds)
+        suite = lora_tasks.SUITES[args.suite]
+        setup = lora_tasks.Setup(seeds=seeds, **suite)
         if args.quick:
-            setup = lora_tasks.Setup(seeds=seeds, steps=24, train_sizes={t: 64 for t in lora_tasks.Setup().train_sizes},
-                                     test_size=60, val_size=40)
+            setup = replace(setup, steps=24, train_sizes={t: 64 for t in setup.train_sizes}, test_size=60, val_size=40)
         began = time.time()
         save("lora", lora_tasks.run(setup, args.cache, score_only=args.score_only, stage=args.stage, log=log), began)
     for path in write_report(out, plots):

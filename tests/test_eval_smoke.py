@@ -159,6 +159,43 @@ def test_split_refuses_a_test_text_that_is_also_trained_on():
             splits.splits(setup, labels, {"a": [leaked]})
 
 
+def test_probing_tasks_perturb_half_of_their_own_sentences():
+    """Each probing task: its own sentences (no other task's), about half perturbed as its rule says (label 1), the
+    rest verbatim, and the same texts on every call."""
+    import random
+
+    def check(name, original, perturbed):
+        a, b = original.split(), perturbed.split()
+        if name == "replace":
+            assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
+        else:
+            assert sorted(a) == sorted(b)  # a permutation of the same words
+            moved = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+            if name == "bshift" and moved:
+                assert len(moved) == 2 and moved[1] == moved[0] + 1
+            if name == "reverse" and moved:
+                assert moved[-1] - moved[0] <= 3
+
+    seen = set()
+    for name, perturb in data.PROBES.items():
+        words = "one two three four five six seven eight nine ten eleven".split()
+        out = list(words)
+        (perturb(out, random.Random(0), ["zebra"]) if name == "replace" else perturb(out, random.Random(0)))
+        check(name, " ".join(words), " ".join(out))
+        assert out != words
+        try:
+            texts, labels, names = data.LOADERS[name]()
+        except data.MissingData:
+            return
+        assert names == ["original", "perturbed"] and 0.45 < sum(labels) / len(labels) < 0.55
+        assert (texts, labels) == data.LOADERS[name]()[:2]
+        sentences = data._sentences()
+        own = {s: i for i, s in enumerate(sentences[list(data.PROBES).index(name) * data.PROBE_SENTENCES:][:data.PROBE_SENTENCES])}
+        verbatim = [t for t, y in zip(texts, labels) if y == 0]
+        assert all(t in own for t in verbatim) and not seen.intersection(texts)
+        seen.update(texts)
+
+
 def test_loaders_drop_duplicates_before_splitting():
     texts, labels = data.unique(["a  b", "c", "a b", " c ", "d"], [0, 1, 0, 1, 2])
     assert texts == ["a  b", "c", "d"] and labels == [0, 1, 2]
@@ -171,10 +208,12 @@ def test_loaders_drop_duplicates_before_splitting():
         assert len(set(normalised)) == len(normalised), task
     import torch
 
-    setup = lora_tasks.Setup()
-    plan = splits.splits(setup, {t: torch.tensor(v[1]) for t, v in loaded.items()},
-                             {t: [[data.normalise(x) for x in v[0]]] for t, v in loaded.items()})
-    assert set(plan) == set(setup.train_sizes)
+    for suite in lora_tasks.SUITES.values():  # every suite's tasks split without a leak
+        setup = lora_tasks.Setup(**suite)
+        tasks = {t: loaded[t] for t in setup.train_sizes}
+        plan = splits.splits(setup, {t: torch.tensor(v[1]) for t, v in tasks.items()},
+                             {t: [[data.normalise(x) for x in v[0]]] for t, v in tasks.items()})
+        assert set(plan) == set(setup.train_sizes)
 
 
 def test_metrics_and_baseline():
