@@ -20,6 +20,7 @@ package imports a heavy stack we do not need).
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import io
 import zipfile
@@ -153,19 +154,19 @@ LOADERS.update({"movie": movie_sentiment, "subjectivity": subjectivity, "speaker
 # near chance while LoRA on the encoder's layers learns them: tasks on which the adapters matter.
 
 
-def _perturb_bshift(words: list[str], rng) -> None:
+def _perturb_bshift(words: list[str], rng, vocabulary: list[str]) -> None:
     """Two adjacent words swapped (SentEval's BShift)."""
     i = rng.randrange(0, min(len(words), 25) - 1)
     words[i], words[i + 1] = words[i + 1], words[i]
 
 
-def _perturb_swap(words: list[str], rng) -> None:
+def _perturb_swap(words: list[str], rng, vocabulary: list[str]) -> None:
     """Two words anywhere in the first 25 swapped."""
     i, j = rng.sample(range(min(len(words), 25)), 2)
     words[i], words[j] = words[j], words[i]
 
 
-def _perturb_reverse(words: list[str], rng) -> None:
+def _perturb_reverse(words: list[str], rng, vocabulary: list[str]) -> None:
     """A span of four words reversed."""
     i = rng.randrange(0, min(len(words), 25) - 3)
     words[i : i + 4] = words[i : i + 4][::-1]
@@ -177,9 +178,11 @@ def _perturb_replace(words: list[str], rng, vocabulary: list[str]) -> None:
 
 
 PROBES = {"bshift": _perturb_bshift, "swap": _perturb_swap, "reverse": _perturb_reverse, "replace": _perturb_replace}
+"""{task: perturbation(words, rng, vocabulary)}, each editing the words of one sentence in place."""
 PROBE_SENTENCES = 3000  # each probing task's own sentences, disjoint from the other tasks'
 
 
+@functools.cache
 def _sentences() -> list[str]:
     """The Rotten Tomatoes plot sentences and review snippets of 10 to 30 words, each once, in a seeded order."""
     import random
@@ -209,7 +212,7 @@ def probing(name: str) -> tuple[list[str], list[int], list[str]]:
     for sentence in own:
         words, label = sentence.split(), rng.randrange(2)
         if label:
-            PROBES[name](words, rng, vocabulary) if name == "replace" else PROBES[name](words, rng)
+            PROBES[name](words, rng, vocabulary)
         texts.append(" ".join(words))
         labels.append(label)
     return (*unique(texts, labels), ["original", "perturbed"])

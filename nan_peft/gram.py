@@ -149,7 +149,7 @@ def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if a > b:
         x, S, yh = wide_svd(X.mT)
         return yh.mT, S, x.mT
-    if a > WIDE_ROWS or b < WIDE_RATIO * a or a == 0 or a * b < WIDE_MIN_ENTRIES:
+    if not _cholesky_qr_pays(a, b):
         return torch.linalg.svd(X, full_matrices=False)
     factor, Q = None, X  # X = factor @ Q, Q's rows orthonormal after two passes (one where X is well-conditioned)
     for _ in range(2):
@@ -166,6 +166,11 @@ def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return u, S, vh @ Q
 
 
+def _cholesky_qr_pays(a: int, b: int) -> bool:
+    """Whether wide_svd factors an a x b matrix (a <= b) by Cholesky QR rather than LAPACK."""
+    return 0 < a <= WIDE_ROWS and b >= WIDE_RATIO * a and a * b >= WIDE_MIN_ENTRIES
+
+
 def wide_left_svd(blocks: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x, S): the left singular vectors and values of the short, wide X = [w_1 X_1 | ... | w_K X_K] given as
     blocks (K, a, b), from its a x a Gram sum_k w_k^2 X_k X_k^T alone: X = F Q with F its Jacobi-scaled Cholesky
@@ -173,7 +178,7 @@ def wide_left_svd(blocks: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Te
     caller that needs x^T X rather than X's right singular vectors. None where wide_svd would not take Cholesky QR or
     would want its second pass (call wide_svd then)."""
     K, a, b = blocks.shape
-    if a > WIDE_ROWS or K * b < WIDE_RATIO * a or a == 0 or a * K * b < WIDE_MIN_ENTRIES:
+    if not _cholesky_qr_pays(a, K * b):
         return None
     gram = torch.einsum("k,kij->ij", weights.to(blocks.dtype).square(), blocks @ blocks.mT)
     L, ok, scale, inverse = scaled_cholesky(gram, WIDE_CONDITION)

@@ -180,7 +180,7 @@ def test_probing_tasks_perturb_half_of_their_own_sentences():
     for name, perturb in data.PROBES.items():
         words = "one two three four five six seven eight nine ten eleven".split()
         out = list(words)
-        (perturb(out, random.Random(0), ["zebra"]) if name == "replace" else perturb(out, random.Random(0)))
+        perturb(out, random.Random(0), ["zebra"])
         check(name, " ".join(words), " ".join(out))
         assert out != words
         try:

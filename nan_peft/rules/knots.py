@@ -15,8 +15,8 @@ Equivariant on the left only: the core path feeds it U^T dW_k (p x n), exact, si
 
 import torch
 
-from .family import merge_family
 from ..gram import wide_left_svd
+from .family import merge_family
 from .spectral import rank_of, thin_svd, weighted
 from .svc import finish
 
