@@ -39,7 +39,7 @@ from .splits import encode_real, encode_synthetic, splits
 
 # Part of the cache key: bump it whenever a change to this file changes the trained adapters or the cached
 # states, so that stale ones are not reused. 2: duplicates dropped before splitting, per-adapter init seeds.
-# 3: a validation split, two LoRA settings (cache/<setting>/seed<s>/<task>).
+# 3: a validation split, two LoRA settings (cache/<setting>/seed<s>/<task>); the seeds not in the key.
 CACHE_VERSION = 3
 ALL_LINEAR = ("query", "key", "value", "dense")  # every Linear of a BERT layer (dense: attention output, FFN up, down)
 
@@ -95,9 +95,12 @@ class Setup:
         return out
 
     def key(self) -> str:
+        """Names the cache folder. The seeds are not in it: each seed's adapters have a folder of their own there, so
+        a run of more seeds (or of one seed in a parallel process) reuses the seeds already trained and scored."""
         import hashlib
 
         entry = {**asdict(self), "cache_version": CACHE_VERSION}
+        del entry["seeds"]
         return hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -316,7 +319,7 @@ def prepare(setup: Setup, cache: Path, log=print) -> tuple[BertModel, dict, dict
     bert = load_encoder(setup)
     for p in bert.parameters():
         p.requires_grad_(False)
-    path = cache / "states.pt"
+    path = states_path(cache, setup.seeds)
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return bert, saved["data"], saved["splits"]
@@ -366,6 +369,11 @@ def train_all(setup: Setup, cache: Path, bert: BertModel, data: dict, plan: dict
 
             logs += train_volume(setup, cache, bert, data, plan, seed, log)
     return logs
+
+
+def states_path(cache: Path, seeds: tuple) -> Path:
+    """The cached bottom states hold the examples the given seeds use (each seed trains on its own sample)."""
+    return cache / f"states-seeds{'-'.join(map(str, seeds))}.pt"
 
 
 def adapter_dir(cache: Path, setting: str, seed: int, task: str) -> Path:

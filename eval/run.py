@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=("val", "all"), default="all",
                         help="experiment 2: val scores the validation split only (the scale sweeps, cached); all also the test split")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of experiment 2 (default 3; --quick: 1)")
+    parser.add_argument("--seed", type=int, action="append", default=None,
+                        help="run only this seed of experiment 2 (repeatable): seeds trained and scored in parallel "
+                             "processes share the cache, and a later run over all of them reuses their work")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared 2-core machine one thread trained 7x faster than two)")
     parser.add_argument("--suite", choices=("text", "probing"), default="text",
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    seeds = tuple(range(args.seeds if args.seeds is not None else 1 if args.quick else 3))
+    if args.seed is not None and (args.seeds is not None or min(args.seed) < 0):
+        parser.error("--seed takes seeds from 0 and does not go with --seeds")
+    seeds = tuple(sorted(set(args.seed))) if args.seed else tuple(range(args.seeds if args.seeds is not None else 1 if args.quick else 3))
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(args.threads)  # before numpy and torch load their BLAS
 

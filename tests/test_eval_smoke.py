@@ -133,7 +133,7 @@ def test_tiny_pipeline_trains_on_no_test_example(tiny_results, tmp_path):
         trained = {i for idx in entry["train"].values() for i in idx}
         trained |= {i for parts in entry.get("volume", {}).values() for part in parts for i in part}
         assert not set(entry["test"]) & trained and not set(entry["val"]) & trained and not set(entry["val"]) & set(entry["test"])
-    saved = torch.load(cache / "states.pt", weights_only=True)
+    saved = torch.load(lora_tasks.states_path(cache, TINY.seeds), weights_only=True)
     assert saved["splits"] == plan
 
 
@@ -242,6 +242,23 @@ def test_quick_refuses_no_seeds():
 
     with pytest.raises(SystemExit):
         run.main(["--quick", "--seeds", "0", "--only", "lora"])
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--seeds", "2", "--seed", "1", "--only", "lora"])
+
+
+def test_a_seeds_work_is_shared_by_every_run_that_has_the_seed():
+    """The cache folder does not depend on the seeds, and a seed's training sample does not depend on the other seeds
+    run beside it: adapters trained by `--seed 1` alone are the ones a three-seed run would train."""
+    from dataclasses import replace
+
+    import torch
+
+    one, three = replace(TINY, seeds=(1,)), replace(TINY, seeds=(0, 1, 2))
+    assert one.key() == three.key() and replace(TINY, steps=TINY.steps + 1).key() != one.key()
+    labels = {"a": torch.arange(200) % 2}
+    keys = {"a": [[f"text {i}" for i in range(200)]]}
+    small, large = (splits.splits(replace(s, train_sizes={"a": 40}), labels, keys) for s in (one, three))
+    assert small["a"]["train"][1] == large["a"]["train"][1] and small["a"]["test"] == large["a"]["test"]
 
 
 def test_cached_split_forward_matches_the_model_with_padding():
