@@ -36,7 +36,7 @@ import torch
 from .batching import stack_terms
 from .coefficients import contributions
 from .errors import NanPeftError
-from .gram import canonical_signs, scaled_cholesky, wide_svd
+from .gram import canonical_signs, column_signs, scaled_cholesky, wide_svd_parts
 from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
 
 # core_merges trusts the Cholesky factors of the Jacobi-scaled Grams up to this condition bound: the implied bases
@@ -173,13 +173,16 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     merged = torch.stack([
         _rule(rule, torch.stack([left_b[g][:, s] @ right_a[g][s] for s in parts]), weights[g], seed, items[int(index)][0], params)
         for g, index in enumerate(good)])
-    x, S, yh = wide_svd(merged)  # R x n left-reduced: Cholesky QR, then the R x R SVD
+    x, S, vh, Q = wide_svd_parts(merged)  # R x n left-reduced: Cholesky QR, then the R x R SVD (Q None: LAPACK)
     k = min(width, S.shape[-1])
     root = S[..., :k].sqrt()
-    right = root.unsqueeze(-1) * yh[..., :k, :]  # S^1/2 y^T: in n coordinates (left-reduced) or V's
     B_r = B @ (Rb_inverse @ (u @ (x[..., :k] * root.unsqueeze(-2))))  # U x S^1/2 = Qb u x S^1/2, Qb = B Rb^-1
+    sign = column_signs(B_r)  # canonical signs, flipped in B_r in place and folded into the small side of A_r
+    B_r.mul_(sign)
+    right = (sign.mT * root.unsqueeze(-1)) * vh[..., :k, :]  # S^1/2 y^T with the signs: n coordinates (left-reduced) or V's
+    if Q is not None:
+        right = right @ Q
     A_r = right if right_dense else ((right @ v.mT) @ Ra_inverse.mT) @ A  # S^1/2 y^T v^T Qa^T, Qa^T = Ra^-T A
-    B_r, A_r = canonical_signs(B_r, A_r)
     if k < width:
         B_r, A_r = torch.nn.functional.pad(B_r, (0, width - k)), torch.nn.functional.pad(A_r, (0, 0, 0, width - k))
     for g, index in enumerate(good.tolist()):

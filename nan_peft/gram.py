@@ -145,25 +145,32 @@ def wide_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     a x a Grams, then the SVD of the a x a factor: a few products instead of LAPACK's bidiagonalisation of the whole
     (a x b) matrix, which costs far more than its flops here. Where a Gram's condition bound exceeds WIDE_CONDITION
     (X rank-deficient or ill-conditioned), LAPACK."""
-    a, b = X.shape[-2:]
-    if a > b:
+    if X.shape[-2] > X.shape[-1]:
         x, S, yh = wide_svd(X.mT)
         return yh.mT, S, x.mT
+    x, S, yh, Q = wide_svd_parts(X)
+    return x, S, yh if Q is None else yh @ Q
+
+
+def wide_svd_parts(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """wide_svd of a short, wide X (a <= b) as (x, S, vh, Q) with X = x diag(S) vh Q: Q (a, b) with orthonormal rows
+    and vh (a, a), so that a caller who scales or truncates the right singular vectors does it to vh and forms
+    (...) @ Q once; Q is None where LAPACK factored X (vh then holds the right singular vectors, (a, b))."""
+    a, b = X.shape[-2:]
     if not _cholesky_qr_pays(a, b):
-        return torch.linalg.svd(X, full_matrices=False)
+        return *torch.linalg.svd(X, full_matrices=False), None
     factor, Q = None, X  # X = factor @ Q, Q's rows orthonormal after two passes (one where X is well-conditioned)
     for _ in range(2):
         L, ok, scale, inverse = scaled_cholesky(Q @ Q.mT, WIDE_CONDITION)
         if not bool(ok.all()):
-            return torch.linalg.svd(X, full_matrices=False)
+            return *torch.linalg.svd(X, full_matrices=False), None
         # Q Q^T = D^-1 L L^T D^-1: Q = (D^-1 L) Q' with Q' = L^-1 D Q
         Q = (inverse * scale.mT) @ Q
         step = L / scale
         factor = step if factor is None else factor @ step
         if bool((a * inverse.square().sum((-2, -1)) < WIDE_ONE_PASS).all()):
             break  # the scaled Gram's condition below 1e4: Q orthonormal to ~1e4 * 2.2e-16 after this pass already
-    u, S, vh = torch.linalg.svd(factor, full_matrices=False)
-    return u, S, vh @ Q
+    return *torch.linalg.svd(factor, full_matrices=False), Q
 
 
 def _cholesky_qr_pays(a: int, b: int) -> bool:
@@ -192,13 +199,19 @@ def canonical_signs(L: torch.Tensor, Rt: torch.Tensor) -> tuple[torch.Tensor, to
     """Flip singular vector pairs so that the largest entry of each column of L is positive (the first of them
     where +a and -a tie): results then do not depend on the LAPACK build or device. Returns (L, Rt) with
     L diag(S) Rt unchanged."""
+    sign = column_signs(L)
+    return L * sign, Rt * sign.mT
+
+
+def column_signs(L: torch.Tensor) -> torch.Tensor:
+    """(..., 1, k): +1 or -1 per column of L (..., m, k), the sign that makes its largest entry positive (canonical_signs;
+    for callers that fold the signs into a smaller factor or flip L in place)."""
     high, low = L.amax(-2, keepdim=True), L.amin(-2, keepdim=True)  # 3x faster than argmax of |L|, and no |L|
     if bool(((high == -low) & (high > 0)).any()):
         negative = torch.gather(L, -2, L.abs().argmax(dim=-2, keepdim=True)) < 0
     else:
         negative = high < -low
-    sign = torch.where(negative, -1.0, 1.0).to(L.dtype)
-    return L * sign, Rt * sign.mT
+    return torch.where(negative, -1.0, 1.0).to(L.dtype)
 
 
 def split_singular(L: torch.Tensor, S: torch.Tensor, Rt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
