@@ -23,12 +23,13 @@ def trim_magnitude(deltas: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(deltas)
     magnitude = flat.abs()
     kth = kth_largest(magnitude, keep)
-    mask = magnitude >= kth
-    surplus = mask.sum(1, keepdim=True) - keep
+    # the mask as 0/1 in the updates' dtype, not bool: a product with a bool mask costs 4x one of two floats
+    mask = torch.ge(magnitude, kth, out=torch.empty_like(flat))
+    surplus = mask.sum(1, keepdim=True, dtype=torch.float64) - keep
     if bool((surplus > 0).any()):  # ties at the k-th magnitude: keep the first of them
         ties = magnitude == kth
-        mask &= ~ties | (ties.cumsum(1) <= ties.sum(1, keepdim=True) - surplus)
-    return (flat * mask).reshape(deltas.shape)
+        mask[ties & (ties.cumsum(1) > ties.sum(1, keepdim=True) - surplus)] = 0
+    return mask.mul_(flat).reshape(deltas.shape)
 
 
 def kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,11 +113,11 @@ def merge_family(
     # there equals elected * |c_k dW'_k|: the agreeing entries sum to elected * sum_k max(c_k dW'_k * elected, 0),
     # the same numbers as summing them where they agree, in fewer passes over the K updates
     aligned = (weighted * elected).clamp_min_(0)
-    merged = elected * aligned.sum(0)
+    merged = elected.mul_(aligned.sum(0))
     if normalize:
-        if weighted is deltas:
-            divisor = aligned.sign().sum(0)  # aligned >= 0: its signs count the agreeing entries
+        if weighted is deltas:  # aligned >= 0: its signs count the agreeing entries (0 where none agrees: 0 / 1)
+            merged.div_(aligned.sign_().sum(0).clamp_min_(1))
         else:
             divisor = (c.abs() * (aligned > 0)).sum(0)
-        merged = merged / torch.where(divisor == 0, 1.0, divisor)
-    return merged if scale == 1 else scale * merged
+            merged.div_(torch.where(divisor == 0, 1.0, divisor))
+    return merged if scale == 1 else merged.mul_(scale)
