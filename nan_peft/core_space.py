@@ -38,6 +38,7 @@ from .coefficients import contributions
 from .errors import NanPeftError
 from .gram import canonical_signs, column_signs, scaled_cholesky, wide_svd_parts
 from .rules import RIGHT_DENSE, RULES, check_truncation, module_generator
+from .rules.knots import Factored
 
 # core_merges trusts the Cholesky factors of the Jacobi-scaled Grams up to this condition bound: the implied bases
 # Qb = B Rb^-1, Qa are then orthonormal to about 1e4 * 2.2e-16, far inside the 1e-9 the rules are tested to (the
@@ -147,7 +148,8 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     m, n = items[0][1][0].B.shape[0], items[0][1][0].A.shape[1]
     terms = [[(0, mod, mod.scale) for mod in modules] for _, modules, _ in items]
     A, B = stack_terms(terms, ranks, n, m, device, torch.float64)  # B = [s_1 B_1 | ...]
-    La, ok_a, scale_a, inverse_a = scaled_cholesky(A @ A.mT, CORE_CONDITION)
+    AAt = A @ A.mT
+    La, ok_a, scale_a, inverse_a = scaled_cholesky(AAt, CORE_CONDITION)
     Lb, ok_b, scale_b, inverse_b = scaled_cholesky(B.mT @ B, CORE_CONDITION)
     parts = blocks(ranks)
     weights = torch.stack([c.to(device, torch.float64) for _, _, c in items])  # (G, K)
@@ -160,7 +162,7 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     if good.numel() == 0:
         return out
     pick = good if good.numel() < len(items) else slice(None)  # a view, not a copy of the stacks, where all are good
-    A, B, weights = A[pick], B[pick], weights[pick]
+    A, B, weights, AAt = A[pick], B[pick], weights[pick], AAt[pick]
     # A A^T = Ra^T Ra and B^T B = Rb^T Rb with Ra = (D_a^-1 La)^T, D = diag(scale): the R factors of A^T and B's QR
     # (up to the signs of their rows); their inverses D L^-T from the inverses the condition bounds computed
     Ra, Rb = (La[pick] / scale_a[pick]).mT, (Lb[pick] / scale_b[pick]).mT
@@ -169,10 +171,12 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     u, _, vh = torch.linalg.svd((Rb * repeated.unsqueeze(-2)) @ Ra.mT, full_matrices=True)
     v = vh.mT
     left_b = u.mT @ Rb  # its columns of block k: U^T (s_k B_k) = u^T Rb_k
-    right_a = A if right_dense else Ra.mT @ v  # rows of block k: A_k, or Ra_k^T v (A_k V = Ra_k^T v)
-    merged = torch.stack([
-        _rule(rule, torch.stack([left_b[g][:, s] @ right_a[g][s] for s in parts]), weights[g], seed, items[int(index)][0], params)
-        for g, index in enumerate(good)])
+    if right_dense:  # the left-reduced updates U^T dW_k = (u^T Rb_k) A_k, as their factors
+        updates = [Factored(left_b[g], A[g], parts, AAt[g]) for g in range(len(good))]
+    else:  # the cores U^T dW_k V = (u^T Rb_k)(Ra_k^T v)
+        right_a = Ra.mT @ v
+        updates = [torch.stack([left_b[g][:, s] @ right_a[g][s] for s in parts]) for g in range(len(good))]
+    merged = torch.stack([_rule(rule, updates[g], weights[g], seed, items[int(index)][0], params) for g, index in enumerate(good)])
     x, S, vh, Q = wide_svd_parts(merged)  # R x n left-reduced: Cholesky QR, then the R x R SVD (Q None: LAPACK)
     k = min(width, S.shape[-1])
     root = S[..., :k].sqrt()

@@ -157,7 +157,7 @@ def wide_svd_parts(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     and vh (a, a), so that a caller who scales or truncates the right singular vectors does it to vh and forms
     (...) @ Q once; Q is None where LAPACK factored X (vh then holds the right singular vectors, (a, b))."""
     a, b = X.shape[-2:]
-    if not _cholesky_qr_pays(a, b):
+    if not cholesky_qr_pays(a, b):
         return *torch.linalg.svd(X, full_matrices=False), None
     factor, Q = None, X  # X = factor @ Q, Q's rows orthonormal after two passes (one where X is well-conditioned)
     for _ in range(2):
@@ -173,23 +173,28 @@ def wide_svd_parts(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return *torch.linalg.svd(factor, full_matrices=False), Q
 
 
-def _cholesky_qr_pays(a: int, b: int) -> bool:
+def cholesky_qr_pays(a: int, b: int) -> bool:
     """Whether wide_svd factors an a x b matrix (a <= b) by Cholesky QR rather than LAPACK."""
     return 0 < a <= WIDE_ROWS and b >= WIDE_RATIO * a and a * b >= WIDE_MIN_ENTRIES
 
 
 def wide_left_svd(blocks: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x, S): the left singular vectors and values of the short, wide X = [w_1 X_1 | ... | w_K X_K] given as
-    blocks (K, a, b), from its a x a Gram sum_k w_k^2 X_k X_k^T alone: X = F Q with F its Jacobi-scaled Cholesky
-    factor and Q's rows orthonormal, so F = x diag(S) vh holds X's. wide_svd's first pass without forming Q, for a
-    caller that needs x^T X rather than X's right singular vectors. None where wide_svd would not take Cholesky QR or
-    would want its second pass (call wide_svd then)."""
+    blocks (K, a, b), from its a x a Gram sum_k w_k^2 X_k X_k^T alone (left_svd_of_gram). None where wide_svd would
+    not take Cholesky QR or would want its second pass (call wide_svd then)."""
     K, a, b = blocks.shape
-    if not _cholesky_qr_pays(a, K * b):
+    if not cholesky_qr_pays(a, K * b):
         return None
-    gram = torch.einsum("k,kij->ij", weights.to(blocks.dtype).square(), blocks @ blocks.mT)
+    return left_svd_of_gram(torch.einsum("k,kij->ij", weights.to(blocks.dtype).square(), blocks @ blocks.mT))
+
+
+def left_svd_of_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x, S) of a short, wide X from its Gram X X^T (a x a): X = F Q with F the Gram's Jacobi-scaled Cholesky factor
+    and Q's rows orthonormal, so F = x diag(S) vh holds X's; wide_svd's first pass without forming Q, for a caller that
+    needs x^T X rather than X's right singular vectors. None where the scaled Gram's condition bound says that pass
+    would not be orthonormal to rounding (WIDE_ONE_PASS)."""
     L, ok, scale, inverse = scaled_cholesky(gram, WIDE_CONDITION)
-    if not bool(ok) or not bool(a * inverse.square().sum() < WIDE_ONE_PASS):
+    if not bool(ok) or not bool(gram.shape[-1] * inverse.square().sum() < WIDE_ONE_PASS):
         return None
     x, S, _ = torch.linalg.svd(L / scale, full_matrices=False)
     return x, S

@@ -306,3 +306,17 @@ def test_lora_tables_and_plots(tiny_results, tmp_path):
     pytest.importorskip("matplotlib")
     paths = report_merges.plots(results, tmp_path)
     assert len(paths) == 2 and all(p.exists() and p.stat().st_size > 1000 for p in paths)
+
+
+def test_gamma_is_the_best_of_both_suites_validation_rows():
+    """--scale auto's GAMMA is what eval/gamma.py finds on the committed validation sweeps of both suites, and the
+    design reads no test row (a test row that would change the choice is ignored)."""
+    from eval import gamma
+    from eval.multitask import AUTO_DESIGN
+    from nan_peft.scale import GAMMA
+
+    found = gamma.design(gamma.load())
+    assert found["best"] == GAMMA and set(found["suites"]) == {"text", "probing"}
+    rows = [{"kind": "sweep", "split": split, "rule": AUTO_DESIGN[0], "gamma": g, "mean_normalized": value, "seed": 0}
+            for split, g, value in (("val", 0.5, 0.9), ("val", 1.0, 0.8), ("test", 1.0, 2.0))]
+    assert gamma.design({"a": rows})["best"] == 0.5

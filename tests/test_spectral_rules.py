@@ -200,16 +200,29 @@ def test_rule_matches_dense_reference_with_manual_weights(method, options, weigh
 @pytest.mark.parametrize("method,options", [("knots_ties", {"density": 0.4}), ("knots_dare", {"density": 0.5, "seed": 2})])
 def test_knots_from_the_concatenations_gram_matches_the_reference(monkeypatch, method, options):
     """A module wide enough (R x K n left-reduced updates, 10 x 7200) for KnOTS's SVD of the concatenation to come from
-    its Gram (gram.wide_left_svd, no right singular vectors formed): the same merge as the dense reference."""
+    its Gram (gram.left_svd_of_gram, no right singular vectors formed), the updates given as their factors
+    (knots.Factored, core_space's batched path) or densely: the same merge as the dense reference."""
     import nan_peft.rules.knots as knots
 
     taken = []
-    monkeypatch.setattr(knots, "wide_left_svd", lambda *a: taken.append(gram.wide_left_svd(*a)) or taken[-1])
+    monkeypatch.setattr(knots, "left_svd_of_gram", lambda *a: taken.append(gram.left_svd_of_gram(*a)) or taken[-1])
     adapters = small_adapters(n=2400, seed=3)
     result = merge_adapters(adapters, coefficients=[0.5, -0.8, 1.7], method=method, dtype=torch.float64, **options)
     assert taken and all(t is not None for t in taken)
     (expected, _), = module_references(result, method, options).values()
     assert_close(update(result, "m"), expected)
+
+    g = torch.Generator().manual_seed(0)
+    # left well-conditioned but not orthogonal: tasks whose left spaces are orthogonal leave blocks with rows of
+    # rounding noise, whose signs TIES counts (in either path, differently)
+    left = torch.eye(10, dtype=torch.float64) + 0.5 * torch.randn(10, 10, generator=g, dtype=torch.float64)
+    right = torch.randn(10, 2400, generator=g, dtype=torch.float64)
+    stack = knots.Factored(left, right, [slice(0, 4), slice(4, 7), slice(7, 10)], right @ right.mT)
+    weights = torch.tensor([0.5, -0.8, 1.7], dtype=torch.float64)
+    rule, params = getattr(knots, method), {k: v for k, v in options.items() if k != "seed"}
+    factored, dense = (rule(x, weights, torch.Generator().manual_seed(2), **params) for x in (stack, stack.dense()))
+    assert gram.wide_left_svd(stack.dense(), weights) is not None  # the dense input takes the Gram path too
+    assert_close(factored, dense, 1e-10)
 
 
 def test_rank_above_a_side_and_ranks_beyond_it():
