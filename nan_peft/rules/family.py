@@ -51,7 +51,10 @@ def drop_random(deltas: torch.Tensor, density: float, generator: torch.Generator
     # drawn on the CPU in float64 whatever the device and dtype of the updates: the same seed gives the same
     # mask for the svd merge (float64), the fold (float32) and on a GPU
     draws = torch.rand(deltas.shape, generator=generator, dtype=torch.float64)
-    keep = draws.lt_(density) if deltas.device.type == "cpu" else (draws < density).to(deltas.device)  # lt_: 1.0 or 0.0
+    if deltas.device.type == "cpu" and deltas.dtype == torch.float64:  # in the draws' memory: 1.0 or 0.0, times dW
+        kept = draws.lt_(density).mul_(deltas)  # (keep * dW) / density is dW / density or 0 (of dW's sign), as below
+        return kept.div_(density) if rescale else kept
+    keep = draws.lt_(density).to(deltas.device, deltas.dtype)
     return (deltas / density if rescale else deltas.clone()).mul_(keep)
 
 
