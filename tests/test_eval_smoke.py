@@ -320,3 +320,23 @@ def test_gamma_is_the_best_of_both_suites_validation_rows():
     rows = [{"kind": "sweep", "split": split, "rule": AUTO_DESIGN[0], "gamma": g, "mean_normalized": value, "seed": 0}
             for split, g, value in (("val", 0.5, 0.9), ("val", 1.0, 0.8), ("test", 1.0, 2.0))]
     assert gamma.design({"a": rows})["best"] == 0.5
+
+
+def test_the_default_candidate_is_chosen_on_validation_at_gamma_and_compared_paired_on_test():
+    from eval import defaults
+    from nan_peft.scale import GAMMA
+
+    def row(kind, split, rule, coefficients, value, seed=0, gamma=GAMMA, setting="r8"):
+        return {"kind": kind, "split": split, "rule": rule, "coefficients": coefficients, "mean_normalized": value,
+                "seed": seed, "gamma": gamma, "setting": setting}
+
+    a = [row("sweep", "val", "tsv", "nan", 0.9), row("sweep", "val", "iso_c", "nan", 0.95), row("sweep", "val", "iso_c", "nan", 2.0, gamma=GAMMA / 2),
+         row("auto", "test", "iso_c", "nan", 0.5, seed=0), row("auto", "test", "iso_c", "nan", 0.7, seed=1),
+         row("total 1", "test", "task_arithmetic", "nan", 0.4, seed=0), row("total 1", "test", "task_arithmetic", "nan", 0.3, seed=1),
+         row("total 1", "test", "task_arithmetic", "uniform", 0.6, seed=0)]
+    b = [row("sweep", "val", "tsv", "nan", 0.9), row("sweep", "val", "iso_c", "nan", 0.9), row("sweep", "val", "wudi", "nan", 1.0)]
+    chosen, score = defaults.candidate({"a": a, "b": b})
+    assert chosen == ("iso_c", "nan") and score[chosen] == pytest.approx(0.925) and ("wudi", "nan") not in score
+    rows = defaults.compare({"a": a}, chosen)
+    assert [r["difference"] for r in rows] == [pytest.approx([0.1, 0.4]), pytest.approx([-0.1])]
+    assert "**not met**" in defaults.table(chosen, rows)
