@@ -177,8 +177,17 @@ def _perturb_replace(words: list[str], rng, vocabulary: list[str]) -> None:
     words[rng.randrange(0, min(len(words), 25))] = rng.choice(vocabulary)
 
 
+def _perturb_halves(words: list[str], rng, vocabulary: list[str]) -> None:
+    """The sentence's two halves exchanged (a coarse SentEval CoordInv: the clauses' order inverted)."""
+    half = len(words) // 2
+    words[:] = words[half:] + words[:half]
+
+
 PROBES = {"bshift": _perturb_bshift, "swap": _perturb_swap, "reverse": _perturb_reverse, "replace": _perturb_replace}
 """{task: perturbation(words, rng, vocabulary)}, each editing the words of one sentence in place."""
+SPARE_PROBES = {"halves": _perturb_halves}
+"""Probing tasks on the sentences no PROBES task has (those `replace` draws its words from; 1,642 of them): adding
+one leaves the PROBES tasks' data as they are."""
 PROBE_SENTENCES = 3000  # each probing task's own sentences, disjoint from the other tasks'
 
 
@@ -204,18 +213,23 @@ def probing(name: str) -> tuple[list[str], list[int], list[str]]:
     import zlib
 
     sentences = _sentences()
-    index = list(PROBES).index(name)
-    own = sentences[index * PROBE_SENTENCES : (index + 1) * PROBE_SENTENCES]
-    vocabulary = [w for s in sentences[len(PROBES) * PROBE_SENTENCES :] for w in s.split()]
+    spare = sentences[len(PROBES) * PROBE_SENTENCES :]
+    if name in PROBES:
+        index = list(PROBES).index(name)
+        own = sentences[index * PROBE_SENTENCES : (index + 1) * PROBE_SENTENCES]
+    else:
+        own = spare
+    perturb = PROBES.get(name) or SPARE_PROBES[name]
+    vocabulary = [w for s in spare for w in s.split()]
     rng = random.Random(zlib.crc32(name.encode()))
     texts, labels = [], []
     for sentence in own:
         words, label = sentence.split(), rng.randrange(2)
         if label:
-            PROBES[name](words, rng, vocabulary)
+            perturb(words, rng, vocabulary)
         texts.append(" ".join(words))
         labels.append(label)
     return (*unique(texts, labels), ["original", "perturbed"])
 
 
-LOADERS.update({name: (lambda name=name: probing(name)) for name in PROBES})
+LOADERS.update({name: (lambda name=name: probing(name)) for name in (*PROBES, *SPARE_PROBES)})

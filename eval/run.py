@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                              "processes share the cache, and a later run over all of them reuses their work")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared 2-core machine one thread trained 7x faster than two)")
-    parser.add_argument("--suite", choices=("text", "probing"), default="text",
+    parser.add_argument("--suite", choices=("text", "probing", "probing2"), default="text",
                         help="experiment 2's tasks: text classification (default) or probing tasks on which the adapters "
-                             "matter (lora_tasks.SUITES; results in eval/results/probing unless --out)")
+                             "matter (lora_tasks.SUITES; probing2: sentiment replaced by a sixth probing task; results in "
+                             "eval/results/SUITE unless --out)")
     parser.add_argument("--cache", type=Path, default=ROOT / "eval" / ".cache")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default eval/results; --quick: the cache)")
     parser.add_argument("--plots", type=Path, default=None, help="plot folder (default docs; --quick: the results folder)")

@@ -168,6 +168,8 @@ def test_probing_tasks_perturb_half_of_their_own_sentences():
         a, b = original.split(), perturbed.split()
         if name == "replace":
             assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 1
+        elif name == "halves":
+            assert b == a[len(a) // 2:] + a[:len(a) // 2]
         else:
             assert sorted(a) == sorted(b)  # a permutation of the same words
             moved = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
@@ -177,7 +179,7 @@ def test_probing_tasks_perturb_half_of_their_own_sentences():
                 assert moved[-1] - moved[0] <= 3
 
     seen = set()
-    for name, perturb in data.PROBES.items():
+    for name, perturb in {**data.PROBES, **data.SPARE_PROBES}.items():
         words = "one two three four five six seven eight nine ten eleven".split()
         out = list(words)
         perturb(out, random.Random(0), ["zebra"])
@@ -190,7 +192,8 @@ def test_probing_tasks_perturb_half_of_their_own_sentences():
         assert names == ["original", "perturbed"] and 0.45 < sum(labels) / len(labels) < 0.55
         assert (texts, labels) == data.LOADERS[name]()[:2]
         sentences = data._sentences()
-        own = {s: i for i, s in enumerate(sentences[list(data.PROBES).index(name) * data.PROBE_SENTENCES:][:data.PROBE_SENTENCES])}
+        start = list(data.PROBES).index(name) * data.PROBE_SENTENCES if name in data.PROBES else len(data.PROBES) * data.PROBE_SENTENCES
+        own = {s: i for i, s in enumerate(sentences[start:][:data.PROBE_SENTENCES])}
         verbatim = [t for t, y in zip(texts, labels) if y == 0]
         assert all(t in own for t in verbatim) and not seen.intersection(texts)
         seen.update(texts)
