@@ -13,6 +13,7 @@ import numpy as np
 
 from nan_peft.scale import GAMMA
 
+from .gamma import curves
 from .multitask import AUTO_DESIGN, GRID, RULES, SPECTRAL
 
 
@@ -47,16 +48,12 @@ def val_curves(rows, setting: str) -> dict:
 def design(rows) -> dict:
     """The auto rule's evidence: per gamma, the mean normalized validation accuracy of the rules it was designed on
     (AUTO_DESIGN; both coefficient kinds, every setting and seed), and each rule's own best gamma."""
-    pooled = defaultdict(list)
     best = {}
     for setting in dict.fromkeys(r["setting"] for r in rows):
         for key, curve in val_curves(rows, setting).items():
             means = {g: float(np.mean(v)) for g, v in curve.items()}
             best[f"{setting} {key}"] = max(means, key=means.get)
-            if key.split("/")[0] in AUTO_DESIGN:
-                for g, v in curve.items():
-                    pooled[g] += v
-    return {"pooled": {g: float(np.mean(v)) for g, v in sorted(pooled.items())}, "best": best}
+    return {"pooled": curves(rows), "best": best}
 
 
 def decision(results: dict) -> list[str]:
