@@ -14,7 +14,7 @@ from .errors import NanPeftError, all_finite
 from .gram import pad_rank, tail_energy, truncate_dense
 from .lora import LoraAdapter, LoraModule
 from .norms import UpdateGram
-from .core_space import core_merges
+from .core_space import core_merges, core_norms
 from .rules import LOW_RANK, RULES, SPECTRAL, in_core_space, module_generator, rule_options
 from .truncation import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERATIONS, DEFAULT_SKETCH_SEED, TRUNCATIONS, truncate_groups
 
@@ -231,6 +231,26 @@ def dense_updates(
         deltas = torch.stack([mod.scale * (mod.B.to(device, dtype) @ mod.A.to(device, dtype)) for mod in modules])
         generator = module_generator(seed, path) if seed is not None else None
         yield path, modules, RULES[rule](deltas, c.to(device), generator, **params)
+
+
+def merged_norms(
+    adapters: Sequence[LoraAdapter],
+    coefficients: Coefficients,
+    gram: UpdateGram,
+    rule: str = "task_arithmetic",
+    options: Mapping | None = None,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """||M_m||_F of every module's merged update under `rule` and `options` (those modules with a non-zero
+    coefficient), without the merged factors: what --scale auto measures (nan_peft.scale). Task arithmetic from the
+    Grams, |scale| ||sum_k c_k dW_k||; the rules in the core space from the rule's core result
+    (core_space.core_norms: no SVD, no output products); the entry-wise rules from the dense merged update (no SVD)."""
+    params, seed = rule_options(rule, options or {})
+    if in_core_space(rule, params):
+        return [norm for _, _, norm in core_norms(adapters, coefficients, rule, params, seed, device)]
+    if rule in LOW_RANK:
+        return (abs(params.get("scale", 1.0)) * gram.merged_norms(coefficients.values)).tolist()
+    return [float(torch.linalg.matrix_norm(update)) for _, _, update in dense_updates(adapters, coefficients, rule, options, device)]
 
 
 def _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype):

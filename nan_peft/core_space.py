@@ -122,26 +122,43 @@ def core_merges(adapters, coefficients, rule: str, params: dict, seed: int | Non
     same shape and ranks are stacked and merged together (at most max_batch_bytes of float64 stacks), so that only
     one batch's results per shape wait to be yielded."""
     check_truncation(rule, None if rank is None else "svd")
+    for path, modules, merged in _in_batches(adapters, coefficients, max_batch_bytes,
+                                             lambda items: _merge_batch(items, rule, params, seed, rank, device)):
+        yield (path, modules, *merged)
+
+
+def core_norms(adapters, coefficients, rule: str, params: dict, seed: int | None, device: torch.device | str = "cpu",
+               max_batch_bytes: int = CORE_BATCH_BYTES) -> Iterator[tuple[str, list, float]]:
+    """Yield (path, contributing modules, ||M||_F) for core_merges' merged update M of every module, without its
+    factors: the rule's result G in the core space has the update's norm (||U G V^T||_F = ||G||_F, U and V
+    orthonormal), so G's SVD and the output products are skipped. What --scale auto measures (nan_peft.scale)."""
+    yield from _in_batches(adapters, coefficients, max_batch_bytes,
+                           lambda items: _merge_batch(items, rule, params, seed, None, device, measure=True))
+
+
+def _in_batches(adapters, coefficients, max_batch_bytes: int, work) -> Iterator[tuple[str, list, object]]:
+    """(path, modules, work's result for the module) in module order, `work` run on batches of same-shaped modules."""
     found = list(contributions(adapters, coefficients))
     keys = [(tuple(mod.rank for mod in modules), modules[0].B.shape[0], modules[0].A.shape[1]) for _, modules, _ in found]
     members: dict[tuple, list[int]] = {}
     for i, key in enumerate(keys):
         members.setdefault(key, []).append(i)
     taken = dict.fromkeys(members, 0)
-    done: dict[int, tuple] = {}
+    done: dict[int, object] = {}
     for i, (path, modules, _) in enumerate(found):
         if i not in done:  # the first of a new batch: it and the next modules of its shape
             (ranks, m, n), first = keys[i], taken[keys[i]]
             batch = members[keys[i]][first : first + max(1, max_batch_bytes // (8 * sum(ranks) * (m + n)))]
             taken[keys[i]] = first + len(batch)
-            done.update(zip(batch, _merge_batch([found[j] for j in batch], rule, params, seed, rank, device)))
-        yield (path, modules, *done.pop(i))
+            done.update(zip(batch, work([found[j] for j in batch])))
+        yield path, modules, done.pop(i)
 
 
-def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: int | None, device) -> list[tuple]:
+def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: int | None, device, measure: bool = False) -> list:
     """[(B', A', S)] for same-shaped modules items = [(path, modules, c)]: the Grams of their float64 stacks, the
     scaled Cholesky factors, the SVD bases, cores, the merged factors' SVD and the output products batched over the
-    modules; each module's rule on its own cores. A module whose Grams are too ill-conditioned takes core_space (QR)."""
+    modules; each module's rule on its own cores. A module whose Grams are too ill-conditioned takes core_space (QR).
+    measure: [||G||_F] of the rule's results G instead, before their SVD (core_norms)."""
     right_dense = rule in RIGHT_DENSE
     ranks = [mod.rank for mod in items[0][1]]
     width = sum(ranks) if rank is None else rank
@@ -157,7 +174,7 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
     for g in (~(ok_a & ok_b)).nonzero().flatten().tolist():  # QR, module by module
         space = core_space(B[g], A[g], ranks, weights[g], right_dense)
         merged = _rule(rule, space.left if right_dense else space.cores, weights[g], seed, items[g][0], params)
-        out[g] = merged_factors(space, merged, width, right_dense)
+        out[g] = float(torch.linalg.matrix_norm(merged)) if measure else merged_factors(space, merged, width, right_dense)
     good = (ok_a & ok_b).nonzero().flatten()
     if good.numel() == 0:
         return out
@@ -177,6 +194,10 @@ def _merge_batch(items: list, rule: str, params: dict, seed: int | None, rank: i
         right_a = Ra.mT @ v
         updates = [torch.stack([left_b[g][:, s] @ right_a[g][s] for s in parts]) for g in range(len(good))]
     merged = torch.stack([_rule(rule, updates[g], weights[g], seed, items[int(index)][0], params) for g, index in enumerate(good)])
+    if measure:
+        for index, norm in zip(good.tolist(), torch.linalg.matrix_norm(merged).tolist()):
+            out[index] = norm
+        return out
     x, S, vh, Q = wide_svd_parts(merged)  # R x n left-reduced: Cholesky QR, then the R x R SVD (Q None: LAPACK)
     k = min(width, S.shape[-1])
     root = S[..., :k].sqrt()

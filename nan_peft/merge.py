@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .coefficients import Coefficients, coefficients_for
-from .combination import ModuleReport
+from .combination import ModuleReport, merged_norms
 from .combination import combine as combine_updates
 from .errors import NanPeftError
 from .fold import fold_into
@@ -197,11 +197,10 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
     gram = update_gram(sources, device)
     coeffs = coefficients_for(spec.coefficients, gram, **spec.provider_given)
     options = spec.record_options(coeffs.granularity, dtype)
-    if spec.scale == AUTO:  # the rule once at scale 1, uncalibrated, to measure it (nan_peft.scale)
+    if spec.scale == AUTO:  # the rule's merged norms at scale 1, uncalibrated (nan_peft.scale), then the merge at that scale
         measured = replace(spec, scale=None, calibrate=None)
-        _, first = combine_updates(sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, measured.rule_given,
-                                   **spec.truncation_given)
-        options["scale_chosen"] = auto_scale([r.norm for r in first], gram.module_norms, coeffs.values)
+        norms = merged_norms(sources, coeffs, gram, spec.method, measured.rule_given, device)
+        options["scale_chosen"] = auto_scale(norms, gram.module_norms, coeffs.values)
         spec = replace(spec, scale=options["scale_chosen"])
     modules, report = combine_updates(
         sources, coeffs, gram, spec.combine, spec.rank, device, dtype, spec.method, spec.rule_given, **spec.truncation_given
@@ -211,7 +210,7 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
 
 def _one_pass(spec: MergeSpec) -> bool:
     """Whether the merge sums each module's Grams once for both the truncation and the inner products: svd of task
-    arithmetic (the rule on the factors, no calibration) at a given scale (--scale auto measures the rule first)."""
+    arithmetic (the rule on the factors, no calibration) at a given scale (--scale auto measures the rule's merged norms first)."""
     return spec.combine == "svd" and spec.method in LOW_RANK and not spec.calibrate and spec.scale != AUTO
 
 

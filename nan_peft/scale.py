@@ -12,10 +12,11 @@ adapter's own update norm:
                                                                                   before any calibration)
 
 so the merge is GAMMA times as large as one adapter's update, whatever the rule does to the spectrum and
-whatever the coefficients sum to. ||dW_mk|| comes from the r x r Grams (norms.UpdateGram), ||M_m|| from the
-merge's own report (exact: the Grams for task arithmetic, the core's singular values for the spectral rules,
-the dense update for the entry-wise rules), so nothing is formed that the merge does not form already; the
-rule runs twice (once at scale 1 to measure it). GAMMA was chosen on the validation split of the evaluation
+whatever the coefficients sum to. ||dW_mk|| comes from the r x r Grams (norms.UpdateGram), ||M_m|| from
+combination.merged_norms, the rule without its output (exact: the Grams for task arithmetic, the rule's core for
+the spectral rules, the dense update for the entry-wise rules; no SVD, no merged factors), so nothing is formed
+that the merge does not form already. The merge then runs once at the number chosen, so that its bytes are those
+of `--scale <scale_chosen>` (scaling a finished merge would round differently). GAMMA was chosen on the validation split of the evaluation
 (docs/results.md, "A scale without data"), never on its test split.
 """
 

@@ -96,6 +96,53 @@ def test_auto_scale_of_an_entry_wise_rule_uses_its_dense_merge():
     assert ratio == pytest.approx(GAMMA * reference / norm, rel=1e-12)
 
 
+@pytest.mark.parametrize("duplicate", [False, True])  # a duplicate makes the stacks rank-deficient: core_space's QR path
+@pytest.mark.parametrize("method,options", CASES + [("ties", {"density": 0.5, "combine": "svd", "rank": 10})])
+def test_merged_norms_are_the_merges_own(method, options, duplicate):
+    """combination.merged_norms, what auto measures without forming factors, equals the norms the merge at scale 1
+    reports (the singular values of its core, the dense update's, the Grams')."""
+    from nan_peft.combination import merged_norms
+
+    adapters = adapters_on_two_modules(3)
+    adapters += adapters[:1] if duplicate else []
+    bare = {key: value for key, value in options.items() if key != "calibrate"}
+    result = merge_adapters(adapters, method=method, dtype=torch.float64, allow_duplicates=duplicate, **bare)
+    rule = {key: value for key, value in bare.items() if key not in ("combine", "rank")}
+    norms = merged_norms(result.sources, result.coefficients, result.gram, method, rule)
+    assert norms == pytest.approx([r.norm for r in result.report], rel=1e-12)
+
+
+@pytest.mark.parametrize("method,options", [("tsv", {}), ("knots_ties", {"density": 0.5}), ("task_arithmetic", {"combine": "svd", "rank": 6}),
+                                            ("ties", {"density": 0.5, "combine": "svd", "rank": 6})])
+def test_auto_measures_the_rule_without_forming_its_factors(monkeypatch, method, options):
+    """The measuring pass forms no merged factors: as many SVDs of merged cores, of dense updates and Gram
+    truncations as the merge at a given scale, and the merge at that scale is the one returned."""
+    import nan_peft.combination as combination
+    import nan_peft.core_space as core_space
+
+    calls = {"core": 0, "dense": 0, "gram": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(core_space, "wide_svd_parts", counted("core", core_space.wide_svd_parts))
+    monkeypatch.setattr(combination, "truncate_dense", counted("dense", combination.truncate_dense))
+    monkeypatch.setattr(combination, "truncate_groups", counted("gram", combination.truncate_groups))
+    adapters = adapters_on_two_modules(2)
+    auto = merge_adapters(adapters, method=method, scale="auto", dtype=torch.float64, **options)
+    counts = dict(calls)
+    calls.update(dict.fromkeys(calls, 0))
+    fixed = merge_adapters(adapters, method=method, scale=auto.options["scale_chosen"], dtype=torch.float64, **options)
+    assert sum(counts.values()) > 0 and counts == calls
+    for path in fixed.adapter.modules:  # the same bytes, but for task arithmetic's svd: at a given scale it takes the one-pass path
+        expected = update(fixed, path)
+        tolerance = 1e-12 * float(expected.abs().max()) if method == "task_arithmetic" else 0.0
+        torch.testing.assert_close(update(auto, path), expected, rtol=0, atol=tolerance)
+
+
 @pytest.fixture(scope="module")
 def cli_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale-auto-cli")
