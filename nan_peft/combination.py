@@ -241,8 +241,8 @@ def merged_norms(
     options: Mapping | None = None,
     device: torch.device | str = "cpu",
 ) -> list[float]:
-    """||M_m||_F of every module's merged update under `rule` and `options` (those modules with a non-zero
-    coefficient), without the merged factors: what --scale auto measures (nan_peft.scale). Task arithmetic from the
+    """||M_m||_F of the modules' merged updates under `rule` and `options` (a module whose coefficients are all 0
+    is left out or counts 0), without the merged factors: what --scale auto measures (nan_peft.scale). Task arithmetic from the
     Grams, |scale| ||sum_k c_k dW_k||; the rules in the core space from the rule's core result
     (core_space.core_norms: no SVD, no output products); the entry-wise rules from the dense merged update (no SVD)."""
     params, seed = rule_options(rule, options or {})
