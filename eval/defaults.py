@@ -6,7 +6,7 @@ its settings and seeds pooled). It is then compared on the test split, once, wit
 total 1, NAN and uniform), per suite and LoRA setting, paired by seed. The bar: at least 1 point of mean normalized
 accuracy over seeds, in every suite and setting.
 
-    python -m eval.defaults     # from eval/results/lora.json and eval/results/probing/lora.json
+    python -m eval.defaults     # from eval/results/lora.json and eval/results/probing2/lora.json
 """
 
 from __future__ import annotations

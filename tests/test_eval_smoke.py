@@ -319,7 +319,7 @@ def test_gamma_is_the_best_of_both_suites_validation_rows():
     from nan_peft.scale import GAMMA
 
     found = gamma.design(gamma.load())
-    assert found["best"] == GAMMA and set(found["suites"]) == {"text", "probing"}
+    assert found["best"] == GAMMA and set(found["suites"]) == {"text", "probing2"}
     rows = [{"kind": "sweep", "split": split, "rule": AUTO_DESIGN[0], "gamma": g, "mean_normalized": value, "seed": 0}
             for split, g, value in (("val", 0.5, 0.9), ("val", 1.0, 0.8), ("test", 1.0, 2.0))]
     assert gamma.design({"a": rows})["best"] == 0.5
