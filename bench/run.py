@@ -284,7 +284,7 @@ def cli_case(params: dict, scratch: Path | None, baseline: Path | None) -> dict:
                 flags = [f"--{key}={value}" for key, value in options.items()]
                 commands[f"nan-peft merge --method {rule.split(' ')[0]} {' '.join(flags)}".strip()] = (
                     entry + ["merge", *folders, "-o", str(root / "spectral"), "--method", rule.split(" ")[0], *flags, "--force", "--quiet"], None)
-            commands["nan-peft merge --method tsv --scale auto"] = (  # the recommended merge: the rule's norms, then the merge
+            commands["nan-peft merge --method tsv --scale auto"] = (  # auto: the rule's merged norms measured, then the merge
                 entry + ["merge", *folders, "-o", str(root / "spectral"), "--method", "tsv", "--scale", "auto", "--force", "--quiet"], None)
         runs: dict[str, list[dict]] = {name: [] for name in commands}
         for _ in range(params.get("repeat", 3)):
