@@ -130,6 +130,39 @@ def combine(
     second pass over the factors; `gram` may then be None (the exact norms come from those Grams), and every adapter
     present at a module must have a non-zero coefficient there (the Grams are of the adapters merged).
     """
+    method, params, seed = check_combine(adapters, coefficients, method, rank, rule, options, truncation, oversample, power_iterations, sketch_seed)
+    if on_grams is not None and (method != "svd" or rule not in LOW_RANK or in_core_space(rule, params)):
+        raise NanPeftError("on_grams serves the svd of task arithmetic only")
+    if in_core_space(rule, params):
+        return _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype)
+    if rule not in LOW_RANK:
+        return _dense(adapters, coefficients, rule, options, rank, device, dtype)
+    scale = params.get("scale", 1.0)
+    terms = {path: t for path, t in weighted_terms(adapters, coefficients, scale).items() if t}
+    norms = lambda: dict(zip(gram.modules, (abs(scale) * gram.merged_norms(coefficients.values)).tolist()))  # noqa: E731
+    if method == "cat":
+        return _cat(terms, norms(), rank, dtype)
+    sketch = {"truncation": truncation, "oversample": oversample, "power_iterations": power_iterations, "seed": sketch_seed}
+    truncated = truncate_groups(terms, rank, device, dtype, max_batch_bytes, norms, sketch, on_grams)
+    paths = sorted(truncated)
+    modules = {path: _like(terms[path][0][1], truncated[path].A, truncated[path].B, path) for path in paths}
+    return modules, [ModuleReport(path, *truncated[path][2:]) for path in paths]
+
+
+def check_combine(
+    adapters: Sequence[LoraAdapter],
+    coefficients: Coefficients,
+    method: str | None,
+    rank: int | None,
+    rule: str = "task_arithmetic",
+    options: Mapping | None = None,
+    truncation: str = "auto",
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
+    sketch_seed: int = DEFAULT_SKETCH_SEED,
+) -> tuple[str, dict, int | None]:
+    """(combine method, the rule's parameters, its seed): combine's arguments checked before any work, so that a bad
+    one fails at once (merge_sources checks them before --scale auto measures the rule)."""
     method = method or default_combine(rule)
     if truncation not in TRUNCATIONS:
         raise NanPeftError(f"unknown truncation {truncation!r}; choose from {', '.join(TRUNCATIONS)}")
@@ -146,32 +179,18 @@ def combine(
     if rank is not None and rank > max(largest, MAX_PADDED_RANK):
         raise NanPeftError(f"rank {rank} is out of range: no merged module can have a rank above {largest}, and padding stops at {MAX_PADDED_RANK}")
     params, seed = rule_options(rule, options or {})
-    if on_grams is not None and (method != "svd" or rule not in LOW_RANK or in_core_space(rule, params)):
-        raise NanPeftError("on_grams serves the svd of task arithmetic only")
-    if in_core_space(rule, params):
-        return _core(adapters, coefficients, rule, params, seed, method, rank, device, dtype)
-    if rule not in LOW_RANK:
-        if method != "svd":
-            raise NanPeftError(f"the {rule} rule gives dense updates: combine them with svd and a rank, not {method}")
-        return _dense(adapters, coefficients, rule, options, rank, device, dtype)
-    scale = params.get("scale", 1.0)
-    terms = {path: t for path, t in weighted_terms(adapters, coefficients, scale).items() if t}
-    norms = lambda: dict(zip(gram.modules, (abs(scale) * gram.merged_norms(coefficients.values)).tolist()))  # noqa: E731
-    if method == "cat":
-        return _cat(terms, norms(), rank, dtype)
-    sketch = {"truncation": truncation, "oversample": oversample, "power_iterations": power_iterations, "seed": sketch_seed}
-    truncated = truncate_groups(terms, rank, device, dtype, max_batch_bytes, norms, sketch, on_grams)
-    paths = sorted(truncated)
-    modules = {path: _like(terms[path][0][1], truncated[path].A, truncated[path].B, path) for path in paths}
-    return modules, [ModuleReport(path, *truncated[path][2:]) for path in paths]
+    if rule not in LOW_RANK and not in_core_space(rule, params) and method != "svd":
+        raise NanPeftError(f"the {rule} rule gives dense updates: combine them with svd and a rank, not {method}")
+    if method == "cat" and rank is not None:
+        needed = max((sum(mod.rank for mod in modules) for _, modules, _ in contributions(adapters, coefficients)), default=0)
+        if rank < needed:
+            raise NanPeftError(f"cat is exact and needs rank >= {needed} (the sum of the ranks); use svd to truncate to {rank}")
+    return method, params, seed
 
 
 def _cat(terms, norms, rank, dtype):
     input_ranks = {path: sum(m.rank for _, m, _ in t) for path, t in terms.items()}
-    needed = max(input_ranks.values(), default=0)
-    if rank is not None and rank < needed:
-        raise NanPeftError(f"cat is exact and needs rank >= {needed} (the sum of the ranks); use svd to truncate to {rank}")
-    rank = rank or needed
+    rank = rank or max(input_ranks.values(), default=0)
     merged, report = {}, []
     buffer = torch.empty(CPU_CHUNK_BYTES // 8, dtype=torch.float64)
     for path, path_terms in terms.items():
@@ -257,10 +276,6 @@ def _core(adapters, coefficients, rule, params, seed, method, rank, device, dtyp
     """The spectral rules (and task_arithmetic with calibrate) in each module's core space (core_space.core_merges):
     exact (cat: rank R, the largest sum of the ranks, or `rank` above it, zero-padded) or the optimal truncation
     to `rank` (svd), its discarded norm from the merged update's singular values."""
-    if method == "cat" and rank is not None:
-        needed = max((sum(a.modules[p].rank for a in adapters if p in a.modules) for p in coefficients.modules), default=0)
-        if rank < needed:
-            raise NanPeftError(f"cat is exact and needs rank >= {needed} (the sum of the ranks); use svd to truncate to {rank}")
     merged, report = {}, []
     for path, modules, B, A, S in core_merges(adapters, coefficients, rule, params, seed, rank if method == "svd" else None, device):
         R = sum(mod.rank for mod in modules)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .coefficients import Coefficients, coefficients_for
-from .combination import ModuleReport, merged_norms
+from .combination import ModuleReport, check_combine, merged_norms
 from .combination import combine as combine_updates
 from .errors import NanPeftError
 from .fold import fold_into
@@ -198,6 +198,7 @@ def merge_sources(sources: Sequence[LoraAdapter], spec: MergeSpec) -> MergeResul
     coeffs = coefficients_for(spec.coefficients, gram, **spec.provider_given)
     options = spec.record_options(coeffs.granularity, dtype)
     if spec.scale == AUTO:  # the rule's merged norms at scale 1, uncalibrated (nan_peft.scale), then the merge at that scale
+        check_combine(sources, coeffs, spec.combine, spec.rank, spec.method, spec.rule_given, **spec.truncation_given)
         measured = replace(spec, scale=None, calibrate=None)
         norms = merged_norms(sources, coeffs, gram, spec.method, measured.rule_given, device)
         options["scale_chosen"] = auto_scale(norms, gram.module_norms, coeffs.values)

@@ -96,6 +96,23 @@ def test_auto_scale_of_an_entry_wise_rule_uses_its_dense_merge():
     assert ratio == pytest.approx(GAMMA * reference / norm, rel=1e-12)
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"method": "ties", "density": 0.5}, "svd needs a target rank"),
+    ({"method": "tsv", "combine": "cat", "rank": 2}, "cat is exact and needs rank >= 10"),
+    ({"method": "dare_linear", "density": 0.5, "combine": "cat"}, "combine them with svd and a rank, not cat"),
+])
+def test_auto_refuses_a_bad_combine_before_measuring(monkeypatch, options, message):
+    """The merge's own arguments are checked before the rule is measured (which can be a whole dense pass)."""
+    import nan_peft.merge as merge
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(merge, "merged_norms", measured)
+    with pytest.raises(NanPeftError, match=message):
+        merge_adapters(adapters_on_two_modules(), scale="auto", **options)
+
+
 @pytest.mark.parametrize("duplicate", [False, True])  # a duplicate makes the stacks rank-deficient: core_space's QR path
 @pytest.mark.parametrize("method,options", CASES + [("ties", {"density": 0.5, "combine": "svd", "rank": 10})])
 def test_merged_norms_are_the_merges_own(method, options, duplicate):
