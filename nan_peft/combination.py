@@ -139,7 +139,7 @@ def combine(
         return _dense(adapters, coefficients, rule, options, rank, device, dtype)
     scale = params.get("scale", 1.0)
     terms = {path: t for path, t in weighted_terms(adapters, coefficients, scale).items() if t}
-    norms = lambda: dict(zip(gram.modules, (abs(scale) * gram.merged_norms(coefficients.values)).tolist()))  # noqa: E731
+    norms = lambda: dict(zip(gram.modules, merged_norms(adapters, coefficients, gram, rule, options)))  # noqa: E731
     if method == "cat":
         return _cat(terms, norms(), rank, dtype)
     sketch = {"truncation": truncation, "oversample": oversample, "power_iterations": power_iterations, "seed": sketch_seed}
@@ -261,9 +261,10 @@ def merged_norms(
     device: torch.device | str = "cpu",
 ) -> list[float]:
     """||M_m||_F of the modules' merged updates under `rule` and `options` (a module whose coefficients are all 0
-    is left out or counts 0), without the merged factors: what --scale auto measures (nan_peft.scale). Task arithmetic from the
-    Grams, |scale| ||sum_k c_k dW_k||; the rules in the core space from the rule's core result
-    (core_space.core_norms: no SVD, no output products); the entry-wise rules from the dense merged update (no SVD)."""
+    is left out or counts 0), without the merged factors: what --scale auto measures (nan_peft.scale) and what
+    task arithmetic's report gives. Task arithmetic from the Grams, |scale| ||sum_k c_k dW_k|| (every module of
+    `gram`); the rules in the core space from the rule's core result (core_space.core_norms: no SVD, no output
+    products); the entry-wise rules from the dense merged update (no SVD)."""
     params, seed = rule_options(rule, options or {})
     if in_core_space(rule, params):
         return [norm for _, _, norm in core_norms(adapters, coefficients, rule, params, seed, device)]

@@ -16,8 +16,8 @@ whatever the coefficients sum to. ||dW_mk|| comes from the r x r Grams (norms.Up
 combination.merged_norms, the rule without its output (exact: the Grams for task arithmetic, the rule's core for
 the spectral rules, the dense update for the entry-wise rules; no SVD, no merged factors), so nothing is formed
 that the merge does not form already. The merge then runs once at the number chosen, so that its bytes are those
-of `--scale <scale_chosen>` (scaling a finished merge would round differently). GAMMA was chosen on the validation split of the evaluation
-(docs/results.md, "A scale without data"), never on its test split.
+of `--scale <scale_chosen>` (scaling a finished merge would round differently). GAMMA was chosen on the validation
+split of the evaluation (docs/results.md, "A scale without data"), never on its test split.
 """
 
 from __future__ import annotations
